@@ -1,0 +1,32 @@
+# The two commands: `make demo` (the main job) and `make test` (the whole suite).
+# Both install what they need first; a second run skips what is already there.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+GUEST   := .cache/guest/.ready
+
+.PHONY: all test demo bench setup guest clean
+
+all: test
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+setup: $(STAMP)
+
+$(GUEST): guest/prepare.sh guest/init
+	bash guest/prepare.sh .cache/guest
+
+guest: $(GUEST)
+
+test: $(STAMP) $(GUEST)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP) $(GUEST)
+	$(PY) -m guest.demo
+
+bench: $(STAMP) $(GUEST)
+	$(PY) -m bench.run
+
+clean:
+	rm -rf .venv .cache build *.egg-info
