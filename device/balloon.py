@@ -1,0 +1,465 @@
+"""The virtio-balloon device: features, config space, target, and the queues' behaviour.
+
+Lifecycle of a ``Balloon`` (the same for the in-process device and the jailed proxy)::
+
+    created --ack_features--> negotiated --activate--> active --reset--> created
+       ^                                                  |
+       +------------------------- reset -------------------+
+
+- Features may be acknowledged only before activation, and only bits that were offered.
+- ``set_target_pages`` works in any state; the new target is what the guest reads as
+  ``num_pages`` and it raises a config-change notification through ``on_config_change``.
+- ``activate`` maps guest memory and builds the queues named by the negotiated features,
+  numbered as the Linux driver numbers them: inflate, deflate, then stats and reporting
+  only when negotiated, consecutively.
+
+The queue-side behaviour is ``BalloonQueues``: it needs guest memory, so in the jailed
+setup it runs only in the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from device.config import BalloonConfig, U32_MAX
+from device.errors import (BadBufferLayout, FeatureError, GuestError, InvalidQueueConfig,
+                           InvalidTarget)
+from device.memory import SMALL_PAGE, GuestMemory, MemoryRegion
+from device.notify import signal_fd
+from device.pfn import compact_pfns
+from device.release import PageReleaser
+from device.stats import StatsSnapshot, parse_stats
+from device.virtqueue import BadChain, DescriptorChain, QueueConfig, SplitQueue
+
+log = logging.getLogger("vballoon.device")
+
+VIRTIO_BALLOON_F_MUST_TELL_HOST = 0
+VIRTIO_BALLOON_F_STATS_VQ = 1
+VIRTIO_BALLOON_F_DEFLATE_ON_OOM = 2
+VIRTIO_BALLOON_F_FREE_PAGE_HINT = 3
+VIRTIO_BALLOON_F_PAGE_POISON = 4
+VIRTIO_BALLOON_F_REPORTING = 5
+VIRTIO_F_INDIRECT_DESC = 28
+VIRTIO_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+
+VIRTIO_ID_BALLOON = 5
+PAGE_SIZE = SMALL_PAGE          # the balloon's page unit (VIRTIO_BALLOON_PFN_SHIFT = 12)
+PFN_SIZE = 4                    # each PFN is an le32
+QUEUE_SIZE = 128                # what the device advertises as the maximum queue size
+MAX_REPORT_DESCRIPTORS = 64
+
+INFLATE_QUEUE = "inflate"
+DEFLATE_QUEUE = "deflate"
+STATS_QUEUE = "stats"
+FREE_PAGE_QUEUE = "free_page"
+REPORTING_QUEUE = "reporting"
+
+SECCOMP_POLICY = Path(__file__).with_name("balloon.policy")
+
+FEATURE_NAMES = {
+    VIRTIO_BALLOON_F_MUST_TELL_HOST: "MUST_TELL_HOST",
+    VIRTIO_BALLOON_F_STATS_VQ: "STATS_VQ",
+    VIRTIO_BALLOON_F_DEFLATE_ON_OOM: "DEFLATE_ON_OOM",
+    VIRTIO_BALLOON_F_FREE_PAGE_HINT: "FREE_PAGE_HINT",
+    VIRTIO_BALLOON_F_PAGE_POISON: "PAGE_POISON",
+    VIRTIO_BALLOON_F_REPORTING: "PAGE_REPORTING",
+    VIRTIO_F_INDIRECT_DESC: "INDIRECT_DESC",
+    VIRTIO_F_EVENT_IDX: "EVENT_IDX",
+    VIRTIO_F_VERSION_1: "VERSION_1",
+}
+
+
+@dataclass(frozen=True)
+class BalloonOptions:
+    """What the device offers. Every feature can be switched off."""
+
+    must_tell_host: bool = True
+    stats: bool = True
+    deflate_on_oom: bool = False
+    free_page_reporting: bool = False
+    version_1: bool = True
+    event_idx: bool = True
+    indirect: bool = True
+    stats_interval: float = 0.0   # seconds between stats refreshes; 0: only on request
+
+    def features(self) -> int:
+        bits = [(self.must_tell_host, VIRTIO_BALLOON_F_MUST_TELL_HOST),
+                (self.stats, VIRTIO_BALLOON_F_STATS_VQ),
+                (self.deflate_on_oom, VIRTIO_BALLOON_F_DEFLATE_ON_OOM),
+                (self.free_page_reporting, VIRTIO_BALLOON_F_REPORTING),
+                (self.version_1, VIRTIO_F_VERSION_1),
+                (self.event_idx, VIRTIO_F_EVENT_IDX),
+                (self.indirect, VIRTIO_F_INDIRECT_DESC)]
+        return sum(1 << bit for on, bit in bits if on)
+
+
+def feature_names(features: int) -> list[str]:
+    return [name for bit, name in sorted(FEATURE_NAMES.items()) if features >> bit & 1]
+
+
+def queue_layout(features: int) -> tuple[str, ...]:
+    """Queue names by index for the negotiated ``features``, as the Linux driver numbers them."""
+    names = [INFLATE_QUEUE, DEFLATE_QUEUE]
+    if features >> VIRTIO_BALLOON_F_STATS_VQ & 1:
+        names.append(STATS_QUEUE)
+    if features >> VIRTIO_BALLOON_F_FREE_PAGE_HINT & 1:
+        names.append(FREE_PAGE_QUEUE)
+    if features >> VIRTIO_BALLOON_F_REPORTING & 1:
+        names.append(REPORTING_QUEUE)
+    return tuple(names)
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """Everything needed to run one queue: where it is, its fds, where to resume.
+
+    ``next_avail`` None means "resume from the used index in guest memory" (a replacement
+    worker); an int is the vhost-user base (a fresh start).
+    """
+
+    config: QueueConfig
+    kick_fd: int
+    call_fd: int
+    next_avail: int | None = 0
+
+
+@dataclass
+class BalloonCounters:
+    inflate_buffers: int = 0
+    deflate_buffers: int = 0
+    inflated_pages: int = 0
+    deflated_pages: int = 0
+    reported_bytes: int = 0
+    stats_updates: int = 0
+    bad_buffers: int = 0
+    released_pages: int = 0
+    pending_pages: int = 0
+    skipped_pages: int = 0
+
+
+class BalloonQueues:
+    """The queue-side behaviour of the balloon over mapped guest memory.
+
+    Guest input never raises out of ``process``: a malformed buffer is returned to the
+    driver with length 0 (so the driver never waits for it forever), counted and logged;
+    a queue whose avail index jumps is stopped, the others keep working.
+    ``on_error(queue_name, exc)`` hears about each of these.
+    """
+
+    def __init__(self, memory: GuestMemory, features: int, queues: dict[str, SplitQueue],
+                 call_fds: dict[str, int], stats_interval: float = 0.0,
+                 on_error: Callable[[str, GuestError], None] | None = None,
+                 on_stats: Callable[[StatsSnapshot], None] | None = None) -> None:
+        self.memory = memory
+        self.features = features
+        self.queues = queues
+        self.call_fds = call_fds
+        self.releaser = PageReleaser(memory)
+        self.counters = BalloonCounters()
+        self.stats = StatsSnapshot()
+        self.stats_interval = stats_interval
+        self._stats_head: int | None = None
+        self._stats_requested = False
+        self._last_stats_request = time.monotonic()
+        self._on_error = on_error or (lambda name, exc: None)
+        self._on_stats = on_stats or (lambda snapshot: None)
+        self._handlers = {INFLATE_QUEUE: self._inflate, DEFLATE_QUEUE: self._deflate,
+                          STATS_QUEUE: self._stats, REPORTING_QUEUE: self._report}
+
+    def process(self, name: str) -> int:
+        """Handle pending buffers on queue ``name``; return how many were handled.
+
+        Bounded to one queue's worth per call so a guest that keeps refilling cannot pin
+        the worker here; ``has_pending`` tells the caller to call again without a kick.
+        """
+        queue = self.queues[name]
+        handler = self._handlers.get(name)
+        handled = 0
+        if queue.broken is not None or handler is None:
+            return 0
+        try:
+            while handled < queue.size:
+                chain = self._pop(name, queue)
+                if chain is None:
+                    # Re-arm, then look once more: a buffer made available between the
+                    # last pop and re-arming would otherwise wait for a kick never sent.
+                    queue.enable_notification()
+                    if not queue.pending():
+                        break
+                    continue
+                handled += 1
+                if chain is not False:
+                    handler(queue, chain)
+        except GuestError as exc:  # AvailIndexJump: this queue is stopped for good
+            self._on_error(name, exc)
+        self._notify(name, queue)
+        return handled
+
+    def has_pending(self, name: str) -> bool:
+        """True if queue ``name`` still has buffers to handle (and is not stopped)."""
+        queue = self.queues[name]
+        if queue.broken is not None or name not in self._handlers:
+            return False
+        try:
+            return queue.pending() > 0
+        except GuestError as exc:
+            self._on_error(name, exc)
+            return False
+
+    def _pop(self, name: str, queue: SplitQueue) -> DescriptorChain | None | bool:
+        try:
+            return queue.pop()
+        except BadChain as exc:
+            self._reject(name, queue, exc.head, exc)
+            return False
+        except GuestError as exc:
+            if queue.broken is not None:
+                raise
+            self.counters.bad_buffers += 1
+            self._on_error(name, exc)
+            return False
+
+    def _reject(self, name: str, queue: SplitQueue, head: int, exc: GuestError) -> None:
+        self.counters.bad_buffers += 1
+        self._on_error(name, exc)
+        queue.add_used(head, 0)
+
+    def _notify(self, name: str, queue: SplitQueue) -> None:
+        if queue.needs_notification():
+            signal_fd(self.call_fds[name])
+
+    def _pfn_ranges(self, chain: DescriptorChain) -> list[tuple[int, int]]:
+        if chain.writable or not chain.readable:
+            raise BadBufferLayout("a PFN buffer must be device-readable only")
+        ranges: list[tuple[int, int]] = []
+        for desc in chain.readable:
+            if desc.length % PFN_SIZE:
+                raise BadBufferLayout(f"PFN buffer of {desc.length} bytes is not whole le32s")
+            count = desc.length // PFN_SIZE
+            pfns = self.memory.unpack_from(struct.Struct(f"<{count}I"), desc.addr)
+            ranges.extend(compact_pfns(pfns))
+        return ranges
+
+    def _inflate(self, queue: SplitQueue, chain: DescriptorChain) -> None:
+        try:
+            ranges = self._pfn_ranges(chain)
+        except GuestError as exc:
+            self._reject(INFLATE_QUEUE, queue, chain.head, exc)
+            return
+        self.releaser.release_pfns(ranges)
+        self.counters.inflate_buffers += 1
+        self.counters.inflated_pages += sum(count for _, count in ranges)
+        self._sync_release_counters()
+        queue.add_used(chain.head, 0)
+
+    def _deflate(self, queue: SplitQueue, chain: DescriptorChain) -> None:
+        # Nothing to do for the host: a deflated page is faulted back in when the guest
+        # touches it. Returning the buffer is the acknowledgement MUST_TELL_HOST waits for.
+        try:
+            ranges = self._pfn_ranges(chain)
+        except GuestError as exc:
+            self._reject(DEFLATE_QUEUE, queue, chain.head, exc)
+            return
+        self.releaser.reclaim_pfns(ranges)
+        self.counters.deflate_buffers += 1
+        self.counters.deflated_pages += sum(count for _, count in ranges)
+        self._sync_release_counters()
+        queue.add_used(chain.head, 0)
+
+    def _stats(self, queue: SplitQueue, chain: DescriptorChain) -> None:
+        if self._stats_head is not None:
+            # The driver has only one stats buffer; a second one is returned at once.
+            queue.add_used(self._stats_head, 0)
+        self._stats_head = chain.head
+        try:
+            if chain.writable:
+                raise BadBufferLayout("the stats buffer must be device-readable")
+            data = b"".join(self.memory.read(d.addr, d.length) for d in chain.readable)
+            values = parse_stats(data)
+        except GuestError as exc:
+            self.counters.bad_buffers += 1
+            self._on_error(STATS_QUEUE, exc)
+            return
+        self.stats = StatsSnapshot(values, time.monotonic(), time.time())
+        self.counters.stats_updates += 1
+        self._on_stats(self.stats)
+        if self._stats_requested:
+            self._stats_requested = False
+
+    def _report(self, queue: SplitQueue, chain: DescriptorChain) -> None:
+        if chain.readable or not chain.writable or len(chain.writable) > MAX_REPORT_DESCRIPTORS:
+            self._reject(REPORTING_QUEUE, queue, chain.head,
+                         BadBufferLayout("a report must be 1-64 device-writable descriptors"))
+            return
+        for desc in chain.writable:
+            self.releaser.release_bytes(desc.addr, desc.length)
+            self.counters.reported_bytes += desc.length
+        self._sync_release_counters()
+        queue.add_used(chain.head, 0)
+
+    def _sync_release_counters(self) -> None:
+        released = self.releaser.counters
+        self.counters.released_pages = released.released_pages
+        self.counters.pending_pages = released.pending_pages
+        self.counters.skipped_pages = released.skipped_pages
+
+    def request_stats(self) -> bool:
+        """Hand the held stats buffer back so the guest refreshes it; False if none is held."""
+        queue = self.queues.get(STATS_QUEUE)
+        self._last_stats_request = time.monotonic()
+        if queue is None or self._stats_head is None or queue.broken is not None:
+            return False
+        queue.add_used(self._stats_head, 0)
+        self._stats_head = None
+        self._stats_requested = True
+        self._notify(STATS_QUEUE, queue)
+        return True
+
+    def stats_timeout(self, now: float) -> float | None:
+        """Seconds until the next periodic stats request is due, or None without polling."""
+        if self.stats_interval <= 0 or STATS_QUEUE not in self.queues:
+            return None
+        return max(0.0, self._last_stats_request + self.stats_interval - now)
+
+    def tick(self, now: float) -> None:
+        """Do periodic work that is due (the stats polling interval)."""
+        due = self.stats_timeout(now)
+        if due is not None and due <= 0:
+            self.request_stats()
+
+    def next_avail(self) -> dict[str, int]:
+        """Each queue's next avail index, what vhost-user's GET_VRING_BASE reports."""
+        return {name: q.next_avail for name, q in self.queues.items()}
+
+
+def build_queues(memory: GuestMemory, features: int, specs: list[QueueSpec]) -> dict[str, SplitQueue]:
+    """Create the split queues named by ``features`` from ``specs`` (one per queue, in order).
+
+    Raises ``InvalidQueueConfig`` for a wrong number of queues, and the guest errors of
+    ``SplitQueue`` for rings that are misaligned or outside memory.
+    """
+    names = queue_layout(features)
+    if len(specs) != len(names):
+        raise InvalidQueueConfig(f"{len(specs)} queues given, the features need {len(names)}")
+    queues = {}
+    for name, spec in zip(names, specs):
+        if spec.next_avail is None:
+            queues[name] = SplitQueue.resume(memory, spec.config)
+        else:
+            queues[name] = SplitQueue(memory, spec.config, spec.next_avail, spec.next_avail)
+    return queues
+
+
+class Balloon:
+    """The whole balloon device, in this process (see the module docstring's lifecycle).
+
+    ``on_config_change`` is called when the device changes config space (a new target);
+    a transport turns it into a config interrupt. Raises ``FeatureError`` for features not
+    offered or acked while active, ``InvalidTarget`` for a target out of range, and
+    ``ConfigAccessError`` for a driver config write it may not make.
+    """
+
+    def __init__(self, options: BalloonOptions = BalloonOptions(),
+                 on_config_change: Callable[[], None] | None = None) -> None:
+        self.options = options
+        self.device_features = options.features()
+        self.acked_features = 0
+        self.config = BalloonConfig()
+        self.on_config_change = on_config_change or (lambda: None)
+        self.guest_pages: int | None = None
+        self.memory: GuestMemory | None = None
+        self.queues: BalloonQueues | None = None
+        self._kick_fds: dict[int, str] = {}
+
+    # -- negotiation and config --------------------------------------------------------------
+
+    def ack_features(self, features: int) -> None:
+        if self.queues is not None:
+            raise FeatureError("features cannot change while the device is active")
+        unknown = features & ~self.device_features
+        if unknown:
+            raise FeatureError(f"features {unknown:#x} were not offered")
+        self.acked_features = features
+
+    def queue_names(self) -> tuple[str, ...]:
+        return queue_layout(self.acked_features)
+
+    def read_config(self, offset: int, length: int) -> bytes:
+        return self.config.read(offset, length)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        self.config.write(offset, data,
+                          poison_writable=bool(self.acked_features >> VIRTIO_BALLOON_F_PAGE_POISON & 1))
+
+    def set_target_pages(self, pages: int) -> None:
+        """Ask the guest to hold ``pages`` 4 KiB pages in the balloon."""
+        limit = self.guest_pages if self.guest_pages is not None else U32_MAX
+        if not 0 <= pages <= min(limit, U32_MAX):
+            raise InvalidTarget(f"target of {pages} pages is outside 0..{min(limit, U32_MAX)}")
+        if pages != self.config.num_pages:
+            self.config.num_pages = pages
+            self.on_config_change()
+
+    # -- activation ----------------------------------------------------------------------------
+
+    def activate(self, regions: list[MemoryRegion], queues: list[QueueSpec]) -> None:
+        """Map guest memory and start serving ``queues`` (one per name in ``queue_names()``).
+
+        On error nothing stays active: the mapping is undone and the exception raised.
+        """
+        memory = GuestMemory(regions)
+        try:
+            built = build_queues(memory, self.acked_features, queues)
+        except BaseException:
+            memory.close()
+            raise
+        self.memory = memory
+        self.guest_pages = memory.size // PAGE_SIZE
+        self.queues = BalloonQueues(memory, self.acked_features, built,
+                                    {name: spec.call_fd for name, spec in zip(built, queues)},
+                                    self.options.stats_interval, on_error=self._log_guest_error)
+        self._kick_fds = {spec.kick_fd: name for name, spec in zip(built, queues)}
+
+    def kick_fds(self) -> dict[int, str]:
+        """The kick fds to watch, with the queue each belongs to (empty unless active)."""
+        return dict(self._kick_fds)
+
+    def process_queue(self, name: str) -> int:
+        if self.queues is None:
+            return 0
+        return self.queues.process(name)
+
+    def reset(self) -> None:
+        """Back to "created": queues dropped, memory unmapped, negotiation forgotten."""
+        if self.memory is not None:
+            self.memory.close()
+        self.memory = None
+        self.queues = None
+        self._kick_fds = {}
+        self.acked_features = 0
+        self.config.actual = 0
+
+    @staticmethod
+    def _log_guest_error(name: str, exc: GuestError) -> None:
+        log.warning("%s queue: %s", name, exc)
+
+    # -- state -----------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """Device state that survives a worker restart or a migration (plain data)."""
+        state = {"acked_features": self.acked_features, "config": asdict(self.config)}
+        if self.queues is not None:
+            state["counters"] = asdict(self.queues.counters)
+            state["stats"] = asdict(self.queues.stats)
+        return state
+
+    def restore(self, state: dict) -> None:
+        """Load a ``snapshot()``; only before activation. Raises ``FeatureError``."""
+        self.ack_features(int(state["acked_features"]))
+        self.config = BalloonConfig(**{k: int(v) for k, v in state["config"].items()})

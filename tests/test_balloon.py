@@ -1,0 +1,218 @@
+"""The balloon device in-process, driven by the fake Linux driver over real memfd memory."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+import pytest
+
+from device.balloon import (INFLATE_QUEUE, REPORTING_QUEUE, STATS_QUEUE, Balloon,
+                            BalloonOptions, VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+                            VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_REPORTING,
+                            VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_F_VERSION_1, queue_layout)
+from device.config import ACTUAL_OFFSET
+from device.errors import ConfigAccessError, FeatureError, InvalidTarget
+from device.stats import VIRTIO_BALLOON_S_MEMFREE, VIRTIO_BALLOON_S_MEMTOT
+from tests.conftest import make_inprocess
+from device.memory import GuestMemory, MemoryRegion
+from device.release import PageReleaser
+from tests.driver import MIB, PAGE, BalloonDriver
+
+
+def test_inflate_frees_host_memory(ram, inprocess):
+    balloon, driver = inprocess
+    ram.populate()
+    before = ram.host_bytes()
+    assert before == 64 * MIB
+    driver.inflate(16 * MIB // PAGE)
+    assert before - ram.host_bytes() == 16 * MIB
+    assert balloon.config.actual == 16 * MIB // PAGE
+    assert balloon.queues.counters.released_pages == 16 * MIB // PAGE
+
+
+def test_madv_dontneed_frees_nothing_on_shared_memory(ram):
+    """The control for the test above: the seed's MADV_DONTNEED would have freed nothing."""
+    ram.populate()
+    before = ram.host_bytes()
+    ram.map.madvise(mmap.MADV_DONTNEED, 32 * MIB, 16 * MIB)
+    assert ram.host_bytes() == before
+
+
+def test_deflate_acknowledges_and_pages_come_back(ram, inprocess):
+    balloon, driver = inprocess
+    ram.populate()
+    pfns = driver.inflate(1024)
+    driver.deflate(1024)
+    assert balloon.config.actual == 0
+    assert balloon.queues.counters.deflated_pages == 1024
+    # A deflated page is usable again: the guest writes it and the host backs it anew.
+    low = min(pfns) * PAGE
+    before = ram.host_bytes()
+    ram.map[low:low + PAGE] = b"\x01" * PAGE
+    assert ram.host_bytes() == before + PAGE
+
+
+def test_inflate_batches_of_buffers(ram, inprocess):
+    balloon, driver = inprocess
+    ram.populate()
+    driver.inflate(32 * MIB // PAGE, batch=32)
+    assert ram.host_bytes() == 32 * MIB
+
+
+def test_queue_layout_follows_negotiated_features():
+    assert queue_layout(0) == ("inflate", "deflate")
+    assert queue_layout(1 << VIRTIO_BALLOON_F_REPORTING) == ("inflate", "deflate", "reporting")
+    both = 1 << VIRTIO_BALLOON_F_STATS_VQ | 1 << VIRTIO_BALLOON_F_REPORTING
+    assert queue_layout(both) == ("inflate", "deflate", "stats", "reporting")
+
+
+def test_every_feature_can_be_switched_off():
+    none = BalloonOptions(must_tell_host=False, stats=False, deflate_on_oom=False,
+                          free_page_reporting=False, version_1=False, event_idx=False,
+                          indirect=False)
+    assert none.features() == 0
+    full = BalloonOptions(deflate_on_oom=True, free_page_reporting=True).features()
+    for bit in (VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_STATS_VQ,
+                VIRTIO_BALLOON_F_DEFLATE_ON_OOM, VIRTIO_BALLOON_F_REPORTING, VIRTIO_F_VERSION_1):
+        assert full >> bit & 1
+
+
+def test_unoffered_features_are_refused():
+    balloon = Balloon(BalloonOptions(stats=False))
+    with pytest.raises(FeatureError):
+        balloon.ack_features(1 << VIRTIO_BALLOON_F_STATS_VQ)
+    assert balloon.acked_features == 0
+
+
+def test_target_raises_config_change_and_is_bounded(ram, inprocess):
+    balloon, _ = inprocess
+    changes = []
+    balloon.on_config_change = lambda: changes.append(balloon.config.num_pages)
+    balloon.set_target_pages(100)
+    balloon.set_target_pages(100)
+    assert changes == [100]
+    assert balloon.read_config(0, 4) == struct.pack("<I", 100)
+    with pytest.raises(InvalidTarget):
+        balloon.set_target_pages(ram.size // PAGE + 1)
+    with pytest.raises(InvalidTarget):
+        balloon.set_target_pages(-1)
+    assert balloon.config.num_pages == 100
+
+
+def test_driver_may_write_only_actual(inprocess):
+    balloon, _ = inprocess
+    balloon.write_config(ACTUAL_OFFSET, struct.pack("<I", 7))
+    for offset, data in [(0, b"\0" * 4), (0, b"\0" * 8), (4, b"\0" * 2), (5, b"\0" * 4),
+                         (8, b"\0" * 4), (12, b"\0" * 4), (16, b"\0" * 4), (4, b"")]:
+        with pytest.raises(ConfigAccessError):
+            balloon.write_config(offset, data)
+    assert balloon.config.actual == 7
+    assert balloon.read_config(16, 4) == b""
+    assert balloon.read_config(14, 4) == b"\0\0"
+
+
+def test_stats_arrive_and_refresh_on_request(inprocess):
+    balloon, driver = inprocess
+    driver.send_stats({VIRTIO_BALLOON_S_MEMFREE: 1000, VIRTIO_BALLOON_S_MEMTOT: 5000, 99: 1})
+    assert balloon.queues.stats.values == {"free_memory": 1000, "total_memory": 5000}
+    assert balloon.queues.request_stats()
+    driver.refresh_stats({VIRTIO_BALLOON_S_MEMFREE: 900, VIRTIO_BALLOON_S_MEMFREE + 1: 4})
+    assert balloon.queues.stats.values == {"free_memory": 900, "total_memory": 4}
+    assert balloon.queues.counters.stats_updates == 2
+
+
+def test_stats_polling_interval_hands_the_buffer_back(ram):
+    balloon, driver = make_inprocess(ram, BalloonOptions(stats_interval=5.0))
+    driver.send_stats({VIRTIO_BALLOON_S_MEMFREE: 1})
+    now = balloon.queues._last_stats_request
+    balloon.queues.tick(now + 1.0)
+    assert driver.queues[STATS_QUEUE].take_used() == []
+    balloon.queues.tick(now + 5.0)
+    assert len(driver.queues[STATS_QUEUE].take_used()) == 1
+    driver.close()
+
+
+def test_free_page_reporting_releases_reported_ranges(ram, inprocess):
+    balloon, driver = inprocess
+    ram.populate()
+    driver.report([(16 * MIB, 4 * MIB), (24 * MIB, 4 * MIB)])
+    assert ram.host_bytes() == 56 * MIB
+    assert balloon.queues.counters.reported_bytes == 8 * MIB
+
+
+def test_snapshot_restores_negotiation_and_config(inprocess):
+    balloon, driver = inprocess
+    balloon.set_target_pages(42)
+    driver.set_actual(40)
+    other = Balloon(balloon.options)
+    other.restore(balloon.snapshot())
+    assert other.acked_features == balloon.acked_features
+    assert (other.config.num_pages, other.config.actual) == (42, 40)
+
+
+def test_huge_pages_are_released_only_when_whole(ram):
+    """A 2 MiB backing page is released once all 512 of its small pages are ballooned."""
+    # The memfd stands in for hugetlbfs: the release granularity is what is tested here.
+    balloon = Balloon()
+    balloon.ack_features(balloon.device_features)
+    driver = BalloonDriver(ram, balloon.queue_names(), balloon.acked_features,
+                           balloon.write_config, balloon.process_queue)
+    balloon.activate([MemoryRegion(0, ram.size, ram.fd, page_size=2 * MIB)], driver.specs())
+    ram.populate()
+    driver.inflate(256)                     # half of the topmost huge page
+    assert ram.host_bytes() == 64 * MIB
+    assert balloon.queues.counters.pending_pages == 256
+    driver.inflate(256)                     # the other half: now it goes
+    assert ram.host_bytes() == 62 * MIB
+    driver.inflate(256)
+    driver.deflate(128)                     # taken back before its huge page completed
+    assert balloon.queues.counters.pending_pages == 128
+    driver.inflate(128 + 256)
+    assert ram.host_bytes() == 60 * MIB
+    balloon.reset()
+    driver.close()
+
+
+def test_real_hugetlbfs_memory_is_released(tmp_path):
+    """On a real hugetlbfs memfd, whole 2 MiB pages go back to the host."""
+    try:
+        fd = os.memfd_create("huge", os.MFD_HUGETLB | os.MFD_CLOEXEC)
+    except OSError as exc:
+        pytest.skip(f"no hugetlbfs memfd here: {exc}")
+    os.close(fd)
+    nr = "/proc/sys/vm/nr_hugepages"
+    old = open(nr).read().strip()
+    try:
+        with open(nr, "w") as f:
+            f.write(str(int(old) + 16))
+    except OSError as exc:
+        pytest.skip(f"cannot reserve huge pages: {exc}")
+    try:
+        fd = os.memfd_create("huge", os.MFD_HUGETLB | os.MFD_CLOEXEC)
+        size = 16 * MIB
+        os.ftruncate(fd, size)
+        m = mmap.mmap(fd, size)
+        m[:] = b"\x01" * size
+        region = MemoryRegion.from_fd(fd, 0, size)
+        assert region.page_size == 2 * MIB
+        with GuestMemory([region]) as memory:
+            releaser = PageReleaser(memory)
+            free_before = _huge_free()
+            releaser.release_pfns([(0, 256)])        # half a huge page: nothing yet
+            assert _huge_free() == free_before
+            releaser.release_pfns([(256, 256 + 512)])  # completes page 0 and all of page 1
+            assert _huge_free() == free_before + 2
+        m.close()
+        os.close(fd)
+    finally:
+        with open(nr, "w") as f:
+            f.write(old)
+
+
+def _huge_free() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("HugePages_Free:"):
+            return int(line.split()[1])
+    raise AssertionError("no HugePages_Free in /proc/meminfo")
