@@ -45,11 +45,16 @@ class GuestRam:
         os.ftruncate(self.fd, size)
         self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
-    def populate(self, start: int = 0, end: int | None = None) -> None:
-        """Touch every page so the host really backs it (as a guest that used its RAM)."""
-        end = self.size if end is None else end
+    def populate(self) -> None:
+        """Make the host back every page, as a guest that used all its RAM.
+
+        The ring area keeps its contents (rewritten in place: that allocates its pages);
+        the rest is filled with a pattern.
+        """
+        self.map[:RING_AREA] = self.map[:RING_AREA]
         chunk = b"\xa5" * MIB
-        for off in range(start, end, MIB):
+        end = self.size
+        for off in range(RING_AREA, end, MIB):
             n = min(MIB, end - off)
             self.map[off:off + n] = chunk[:n]
 
@@ -291,3 +296,15 @@ class BalloonDriver:
         self.queues[REPORTING_QUEUE].add([], ranges)
         self.kick(REPORTING_QUEUE)
         self.wait_used(REPORTING_QUEUE, 1)
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 5.0, what: str = "condition"):
+    """Poll ``condition`` until it is truthy (returned) or ``timeout`` passes (raised)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        select.select([], [], [], 0.005)

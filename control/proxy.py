@@ -1,0 +1,426 @@
+"""A balloon whose queues are served by a jailed worker, driven like the in-process one.
+
+``ProxyBalloon`` has the interface of ``device.balloon.Balloon`` (features, config space,
+target, activate, reset, snapshot/restore), so a VMM cannot tell them apart. The parent
+keeps everything that is not guest data: negotiated features, config space (``actual`` is
+written on the guest's hot path, once per MiB inflated, and answered here without a round
+trip to the worker), the target, the last stats. The worker, forked into the jail at
+activation, is the only process that maps guest memory.
+
+Supervision (a thread per activation, which is also the thread that forks, since
+PDEATHSIG follows the forking thread)::
+
+    activate -> spawn worker -> "activate" -> serving
+                    ^                           | worker died (any reason)
+                    +---- restart (resume) -----+  at most max_restarts per window,
+                                                   else state "failed"
+    reset/kill -> "kill" (graceful, returns state) -> SIGKILL after a deadline
+
+A replacement worker resumes every queue at the used index in guest memory: buffers the
+dead worker took but never returned are taken again, and releasing a page twice is
+harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from control.errors import RequestError, WorkerError, WorkerFailed
+from control.workers import WorkerHandle, spawn_worker
+from device.balloon import (PAGE_SIZE, BalloonOptions, QueueSpec, queue_layout)
+from device.command import MAX_MESSAGE, ProtocolError, decode, request
+from device.config import U32_MAX, BalloonConfig
+from device.errors import ConfigAccessError, FeatureError
+from device.memory import MemoryRegion, validate_regions
+from device.stats import StatsSnapshot
+
+log = logging.getLogger("vballoon.proxy")
+
+IDLE, ACTIVE, RESTARTING, FAILED = "idle", "active", "restarting", "failed"
+
+
+@dataclass(frozen=True)
+class ProxyOptions:
+    jail: bool = True                 # False: the worker runs in a thread (debug, benchmarks)
+    seccomp_mode: str = "kill"        # "kill" or "log"
+    max_restarts: int = 5             # within restart_window seconds
+    restart_window: float = 30.0
+    request_timeout: float = 5.0
+    kill_grace: float = 1.0           # seconds a graceful kill may take before SIGKILL
+
+
+@dataclass
+class Activation:
+    regions: tuple[MemoryRegion, ...]
+    queues: tuple[QueueSpec, ...]
+
+
+@dataclass
+class SettleResult:
+    """How a wait for the balloon to reach its target ended."""
+
+    outcome: str                      # "settled", "stalled" or "timeout"
+    target_pages: int
+    actual_pages: int
+
+
+@dataclass
+class _Pending:
+    done: threading.Event = field(default_factory=threading.Event)
+    reply: dict | None = None
+
+
+class ProxyBalloon:
+    """The balloon device, its queues served by a jailed child (see the module docstring)."""
+
+    def __init__(self, options: BalloonOptions = BalloonOptions(),
+                 proxy: ProxyOptions = ProxyOptions(),
+                 on_config_change: Callable[[], None] | None = None) -> None:
+        self.options = options
+        self.proxy = proxy
+        self.device_features = options.features()
+        self.acked_features = 0
+        self.config = BalloonConfig()
+        self.on_config_change = on_config_change or (lambda: None)
+        self.guest_pages: int | None = None
+        self.stats = StatsSnapshot()
+        self.counters: dict = {}
+        self.state = IDLE
+        self.restarts = 0
+        self.last_exit: str | None = None
+        self.worker: WorkerHandle | None = None
+        self._activation: Activation | None = None
+        self._sock: socket.socket | None = None
+        self._lock = threading.RLock()
+        self._settle = threading.Condition(self._lock)
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = 1
+        self._restart_times: list[float] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+
+    # -- the Balloon interface -------------------------------------------------------------
+
+    def ack_features(self, features: int) -> None:
+        if self.state != IDLE:
+            raise FeatureError("features cannot change while the device is active")
+        unknown = features & ~self.device_features
+        if unknown:
+            raise FeatureError(f"features {unknown:#x} were not offered")
+        self.acked_features = features
+
+    def queue_names(self) -> tuple[str, ...]:
+        return queue_layout(self.acked_features)
+
+    def read_config(self, offset: int, length: int) -> bytes:
+        return self.config.read(offset, length)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        with self._lock:
+            self.config.write(offset, data)
+            self._settle.notify_all()
+
+    def set_target_pages(self, pages: int) -> None:
+        """Ask the guest to hold ``pages`` pages. Raises ``RequestError`` if out of range."""
+        limit = min(self.guest_pages if self.guest_pages is not None else U32_MAX, U32_MAX)
+        if type(pages) is not int or not 0 <= pages <= limit:
+            raise RequestError(f"a target of {pages} pages is outside 0..{limit}")
+        with self._lock:
+            changed = pages != self.config.num_pages
+            self.config.num_pages = pages
+            self._settle.notify_all()
+        if changed:
+            self.on_config_change()
+
+    def activate(self, regions: list[MemoryRegion], queues: list[QueueSpec]) -> None:
+        """Fork the jailed worker and start serving; raises ``WorkerError`` if it cannot.
+
+        On failure nothing keeps running: the worker (if any) is killed.
+        """
+        if self.state != IDLE:
+            raise WorkerError("the device is already active")
+        validate_regions(regions)
+        if len(queues) != len(self.queue_names()):
+            raise RequestError(f"{len(queues)} queues given, the features need "
+                               f"{len(self.queue_names())}")
+        self._activation = Activation(tuple(regions), tuple(queues))
+        self.guest_pages = sum(r.size for r in regions) // PAGE_SIZE
+        self._stopping.clear()
+        self._started.clear()
+        self._start_error = None
+        self._thread = threading.Thread(target=self._supervise, name="vballoon-supervisor",
+                                        daemon=True)
+        self._thread.start()
+        if not self._started.wait(self.proxy.request_timeout * 2):
+            self._start_error = WorkerError("the worker did not start in time")
+        if self._start_error is not None:
+            error = self._start_error
+            self.reset()
+            raise error
+
+    def reset(self) -> dict:
+        """Stop the worker (gracefully, then SIGKILL) and go back to idle; returns its state."""
+        state = self.kill()
+        self.acked_features = 0
+        with self._lock:
+            self.config.actual = 0
+        self._activation = None
+        self.state = IDLE
+        return state
+
+    def kill(self) -> dict:
+        """Graceful stop: the worker replies with its state and exits; SIGKILL if it won't."""
+        self._stopping.set()
+        state: dict = {}
+        if self.worker is not None and self.state == ACTIVE:
+            try:
+                state = self.request("kill", timeout=self.proxy.kill_grace)
+            except WorkerError as exc:
+                log.warning("graceful stop failed (%s); killing the worker", exc)
+        if self._thread is not None:
+            self._thread.join(self.proxy.kill_grace + 2)
+            self._thread = None
+        self._end_worker()
+        if self.state != FAILED:
+            self.state = IDLE
+        return state
+
+    def snapshot(self) -> dict:
+        return {"acked_features": self.acked_features, "config": asdict(self.config),
+                "stats": asdict(self.stats), "restarts": self.restarts}
+
+    def restore(self, state: dict) -> None:
+        self.ack_features(int(state["acked_features"]))
+        self.config = BalloonConfig(**{k: int(v) for k, v in state["config"].items()})
+
+    def kick_fds(self) -> dict[int, str]:
+        return {}     # the worker watches them
+
+    # -- host API for the balloon size -------------------------------------------------------
+
+    def set_target_bytes(self, size: int) -> int:
+        """Target ``size`` bytes (rounded down to pages); returns the target in pages."""
+        if type(size) is not int or size < 0:
+            raise RequestError(f"a balloon size must be a non-negative number of bytes, not {size!r}")
+        self.set_target_pages(size // PAGE_SIZE)
+        return size // PAGE_SIZE
+
+    def adjust_pages(self, delta: int) -> int:
+        """Move the target by ``delta`` pages (the seed's command), checked; returns it."""
+        if type(delta) is not int:
+            raise RequestError(f"an adjustment must be a whole number of pages, not {delta!r}")
+        target = self.config.num_pages + delta
+        if target < 0:
+            raise RequestError(f"adjusting {self.config.num_pages} pages by {delta} goes below zero")
+        self.set_target_pages(target)
+        return target
+
+    def wait_settled(self, timeout: float, stall: float = 5.0,
+                     progress: Callable[[int, int], None] | None = None) -> SettleResult:
+        """Wait until ``actual == target``, or ``actual`` has not moved for ``stall`` seconds
+        (the guest stopped making progress), or ``timeout``; says which."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            last, moved = self.config.actual, time.monotonic()
+            while True:
+                target, actual = self.config.num_pages, self.config.actual
+                if progress:
+                    progress(actual, target)
+                if actual == target:
+                    return SettleResult("settled", target, actual)
+                now = time.monotonic()
+                if actual != last:
+                    last, moved = actual, now
+                if now - moved >= stall:
+                    return SettleResult("stalled", target, actual)
+                if now >= deadline:
+                    return SettleResult("timeout", target, actual)
+                self._settle.wait(min(deadline - now, moved + stall - now, 0.2))
+
+    def request_stats(self) -> bool:
+        """Ask the worker to hand the stats buffer back so the guest refreshes it."""
+        return bool(self.request("stats").get("requested"))
+
+    # -- talking to the worker -----------------------------------------------------------------
+
+    def request(self, kind: str, timeout: float | None = None, **body) -> dict:
+        """Send a request to the worker and wait for its reply; raises ``WorkerError``."""
+        with self._lock:
+            sock = self._sock
+            if sock is None or self.state != ACTIVE:
+                raise WorkerError(f"no worker to ask ({self.state})")
+            ident, pending = self._register()
+            sock.send(request(kind, ident, **body))
+        if not pending.done.wait(self.proxy.request_timeout if timeout is None else timeout):
+            self._pending.pop(ident, None)
+            raise WorkerError(f"the worker did not answer {kind!r} in time")
+        reply = pending.reply or {}
+        if not reply.get("ok"):
+            raise WorkerError(f"the worker refused {kind!r}: {reply.get('error')}")
+        return reply.get("result") or {}
+
+    # -- supervision (runs in the supervisor thread) -------------------------------------------
+
+    def _supervise(self) -> None:
+        try:
+            self._start_worker(resume=False)
+        except (WorkerError, OSError) as exc:
+            self._start_error = exc
+            self._started.set()
+            return
+        self._started.set()
+        while self.worker is not None:
+            worker, sock = self.worker, self._sock
+            ready = select.select([worker.exit_fd(), sock], [], [], 0.5)[0]
+            if sock in ready:
+                self._read_worker(sock)
+            if worker.exit_fd() in ready:
+                # Read what the worker said before it ended: its last replies and events.
+                while select.select([sock], [], [], 0)[0] and self._read_worker(sock):
+                    pass
+                if self._stopping.is_set():
+                    self._end_worker()
+                else:
+                    self._on_worker_exit(worker)
+
+    def _start_worker(self, resume: bool) -> None:
+        """Fork a jailed worker and activate it; raises ``WorkerError`` if it won't serve."""
+        activation = self._activation
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        keep = sorted({child_end.fileno()} | {r.fd for r in activation.regions}
+                      | {q.kick_fd for q in activation.queues}
+                      | {q.call_fd for q in activation.queues})
+        try:
+            worker = spawn_worker(child_end, keep, self.proxy)
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        with self._lock:
+            self.worker, self._sock = worker, parent_end
+        ident, pending = self._register()
+        parent_end.send(request("activate", ident, **self._activate_body(activation, resume)))
+        deadline = time.monotonic() + self.proxy.request_timeout
+        while not pending.done.is_set():
+            left = deadline - time.monotonic()
+            ready = select.select([parent_end, worker.exit_fd()], [], [], max(0.0, left))[0]
+            if parent_end in ready:
+                self._read_worker(parent_end)
+            elif ready or left <= 0:
+                why = worker.describe_exit() if ready else "no answer in time"
+                self._end_worker()
+                raise WorkerError(f"the worker failed to activate: {why}")
+        if not pending.reply.get("ok"):
+            self._end_worker()
+            raise WorkerError(f"the worker refused activation: {pending.reply.get('error')}")
+        with self._lock:
+            self.state = ACTIVE
+
+    def _activate_body(self, activation: Activation, resume: bool) -> dict:
+        regions = [{"guest_addr": r.guest_addr, "size": r.size, "fd": r.fd,
+                    "file_offset": r.file_offset, "user_addr": r.user_addr,
+                    "page_size": r.page_size} for r in activation.regions]
+        queues = [{"size": q.config.size, "desc": q.config.desc_addr,
+                   "avail": q.config.avail_addr, "used": q.config.used_addr,
+                   "event_idx": q.config.event_idx, "indirect": q.config.indirect,
+                   "kick_fd": q.kick_fd, "call_fd": q.call_fd,
+                   "next_avail": None if resume else q.next_avail}
+                  for q in activation.queues]
+        return {"features": self.acked_features, "regions": regions, "queues": queues,
+                "stats_interval": float(self.options.stats_interval)}
+
+    def _register(self) -> tuple[int, _Pending]:
+        with self._lock:
+            ident = self._next_id
+            self._next_id += 1
+            pending = self._pending[ident] = _Pending()
+        return ident, pending
+
+    def _read_worker(self, sock: socket.socket) -> bool:
+        """Handle one datagram from the worker; False on EOF."""
+        try:
+            data = sock.recv(MAX_MESSAGE + 1)
+        except OSError:
+            return False
+        if not data:
+            return False
+        try:
+            message = decode(data)
+        except ProtocolError as exc:
+            log.warning("worker sent a bad message: %s", exc)
+            return True
+        if message.type == "reply":
+            pending = self._pending.pop(message.id, None)
+            if pending is not None:
+                pending.reply = message.body
+                pending.done.set()
+        elif message.type == "stats_event":
+            self.stats = StatsSnapshot(message.body["values"], time.monotonic(),
+                                       message.body["updated"])
+        elif message.type == "log":
+            log.log(message.body["level"], "worker: %s", message.body["message"])
+        elif message.type == "error":
+            log.warning("guest error on %s queue: %s", message.body["queue"],
+                        message.body["message"])
+        return True
+
+    def _on_worker_exit(self, worker: WorkerHandle) -> None:
+        self.last_exit = worker.describe_exit()
+        log.warning("worker %d ended: %s", worker.pid, self.last_exit)
+        self._fail_pending("the worker died")
+        self._end_worker()
+        if not self._count_restart():
+            return
+        self.state = RESTARTING
+        for _ in range(self.proxy.max_restarts + 1):
+            try:
+                self._start_worker(resume=True)
+                return
+            except (WorkerError, OSError) as exc:
+                log.error("restarting the worker failed: %s", exc)
+                self.last_exit = str(exc)
+                if not self._count_restart():
+                    return
+        self.state = FAILED
+
+    def _count_restart(self) -> bool:
+        """Record a restart; False (and state "failed") once the rate limit is passed."""
+        now = time.monotonic()
+        self._restart_times = [t for t in self._restart_times
+                               if now - t < self.proxy.restart_window] + [now]
+        if len(self._restart_times) > self.proxy.max_restarts:
+            self.state = FAILED
+            log.error("worker died %d times in %.0f s: not restarting",
+                      len(self._restart_times), self.proxy.restart_window)
+            return False
+        self.restarts += 1
+        return True
+
+    def _fail_pending(self, why: str) -> None:
+        for ident, pending in list(self._pending.items()):
+            pending.reply = {"ok": False, "error": why}
+            pending.done.set()
+        self._pending.clear()
+
+    def _end_worker(self) -> None:
+        with self._lock:
+            worker, sock = self.worker, self._sock
+            self.worker, self._sock = None, None
+        if sock is not None:
+            sock.close()
+        if worker is not None:
+            worker.stop(self.proxy.kill_grace)
+
+    def check_failed(self) -> None:
+        if self.state == FAILED:
+            raise WorkerFailed(f"the worker keeps dying: {self.last_exit}")

@@ -1,0 +1,67 @@
+"""Where a worker runs: in a jailed child (the default) or in a thread (debug, benchmarks).
+
+Both are driven the same way: a ``WorkerHandle`` gives a pid, an fd that becomes readable
+when the worker has ended, a way to stop it and the words for how it ended.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from typing import Protocol
+
+from device.balloon import SECCOMP_POLICY
+from device.worker import run_worker
+
+
+class WorkerHandle(Protocol):
+    pid: int
+
+    def exit_fd(self) -> int: ...
+    def stop(self, grace: float) -> None: ...
+    def describe_exit(self) -> str: ...
+
+
+class ThreadWorker:
+    """The worker as a thread of this process: no jail, for debugging and for measuring
+    what the jail costs. ``stop`` closes its socket; the worker ends on EOF."""
+
+    def __init__(self, command: socket.socket) -> None:
+        self.pid = os.getpid()
+        self._fd = os.dup(command.fileno())
+        self._exit = os.eventfd(0, os.EFD_CLOEXEC)
+        self._error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="vballoon-worker", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            run_worker(self._fd, owns_fds=False)
+        finally:
+            os.close(self._fd)
+            os.eventfd_write(self._exit, 1)
+
+    def exit_fd(self) -> int:
+        return self._exit
+
+    def stop(self, grace: float) -> None:
+        self._thread.join(grace)
+        if not self._thread.is_alive() and self._exit >= 0:
+            os.close(self._exit)
+            self._exit = -1
+
+    def describe_exit(self) -> str:
+        return "worker thread ended"
+
+
+def spawn_worker(command: socket.socket, keep_fds: list[int], options) -> WorkerHandle:
+    """Start a worker serving the command socket ``command`` (the child's end).
+
+    ``keep_fds`` is everything the worker may hold. With ``options.jail`` it is forked into
+    the jail with exactly those fds and the balloon's seccomp policy.
+    """
+    if not options.jail:
+        return ThreadWorker(command)
+    from control.jailed import spawn_jailed_worker
+    return spawn_jailed_worker(command.fileno(), keep_fds, SECCOMP_POLICY, options.seccomp_mode)

@@ -1,0 +1,217 @@
+"""The balloon worker: the loop that runs in the jailed child.
+
+It owns the only mapping of guest memory and is the only code that reads guest-controlled
+data. It talks to the parent through one SOCK_SEQPACKET command socket (``device.command``)
+and to the guest through the queues' kick and call fds. It uses ``poll`` (no extra fd) and
+plain ``read``/``write`` on the socket, so its syscall set stays small (``balloon.policy``).
+
+Lifecycle::
+
+    started --activate--> serving --kill--> (reply with state) exit
+       |                     |
+       +---- socket EOF -----+--> exit (the parent is gone)
+
+Guest errors never end the loop; they are counted and reported as ``error`` events, at
+most ``MAX_ERROR_EVENTS_PER_SECOND`` a second so a hostile guest cannot flood the parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import time
+from dataclasses import asdict
+
+from device.balloon import BalloonQueues, QueueSpec, build_queues
+from device.command import (MAX_MESSAGE, Message, ProtocolError, decode, event, reply_error,
+                            reply_ok)
+from device.errors import DeviceError, GuestError
+from device.memory import GuestMemory, MemoryRegion
+from device.notify import drain_fd, signal_fd
+from device.stats import StatsSnapshot
+from device.virtqueue import QueueConfig
+
+MAX_ERROR_EVENTS_PER_SECOND = 20
+_POLL_IN = select.POLLIN | select.POLLPRI
+_POLL_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+class _EventLogHandler(logging.Handler):
+    """Forwards log records to the parent as ``log`` events."""
+
+    def __init__(self, worker: "Worker") -> None:
+        super().__init__()
+        self.worker = worker
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.worker.send(event("log", level=record.levelno,
+                               message=record.getMessage()[:4000]))
+
+
+class Worker:
+    """One worker: waits for ``activate``, then serves the queues until ``kill`` or EOF."""
+
+    def __init__(self, command_fd: int, owns_fds: bool = True) -> None:
+        self.command_fd = command_fd
+        self.owns_fds = owns_fds
+        self.memory: GuestMemory | None = None
+        self.queues: BalloonQueues | None = None
+        self.kick_fds: dict[int, str] = {}
+        self.config = {"num_pages": 0, "actual": 0}
+        self.running = True
+        self.poller = select.poll()
+        self.poller.register(command_fd, _POLL_IN)
+        self._errors_window = (0.0, 0)
+        self.suppressed_errors = 0
+        self.log = logging.getLogger("vballoon.worker")
+        self.log.propagate = False
+        self.log.addHandler(_EventLogHandler(self))
+        self.log.setLevel(logging.INFO)
+
+    def send(self, data: bytes) -> None:
+        os.write(self.command_fd, data)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while self.running:
+            timeout = self._timeout()
+            for fd, mask in self.poller.poll(timeout):
+                if fd == self.command_fd:
+                    if mask & _POLL_IN:
+                        self._on_command()
+                    elif mask & _POLL_GONE:
+                        self.running = False
+                elif fd in self.kick_fds:
+                    drain_fd(fd)
+                    self.queues.process(self.kick_fds[fd])
+            if self.queues is not None:
+                for name in self.queues.queues:
+                    if self.queues.has_pending(name):
+                        self.queues.process(name)
+                self.queues.tick(time.monotonic())
+        self._unmap()
+
+    def _timeout(self) -> int | None:
+        if self.queues is None:
+            return None
+        if any(self.queues.has_pending(name) for name in self.queues.queues):
+            return 0
+        due = self.queues.stats_timeout(time.monotonic())
+        return None if due is None else int(due * 1000) + 1
+
+    def _on_command(self) -> None:
+        data = os.read(self.command_fd, MAX_MESSAGE + 1)
+        if not data:
+            self.running = False
+            return
+        try:
+            message = decode(data)
+        except ProtocolError as exc:
+            self.send(reply_error(0, f"bad message: {exc}"))
+            return
+        handler = getattr(self, f"_do_{message.type}", None)
+        if handler is None:
+            self.send(reply_error(message.id, f"{message.type!r} is not a request"))
+            return
+        try:
+            result = handler(message)
+        except DeviceError as exc:
+            self.send(reply_error(message.id, f"{type(exc).__name__}: {exc}"))
+            return
+        self.send(reply_ok(message.id, result))
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _do_activate(self, message: Message) -> dict:
+        if self.queues is not None:
+            raise ProtocolError("already active")
+        body = message.body
+        regions = [MemoryRegion(r["guest_addr"], r["size"], r["fd"], r["file_offset"],
+                                r.get("user_addr"), r["page_size"]) for r in body["regions"]]
+        specs = [QueueSpec(QueueConfig(q["size"], q["desc"], q["avail"], q["used"],
+                                       q["event_idx"], q["indirect"]),
+                           q["kick_fd"], q["call_fd"], q.get("next_avail"))
+                 for q in body["queues"]]
+        memory = GuestMemory(regions)
+        try:
+            built = build_queues(memory, body["features"], specs)
+        except DeviceError:
+            memory.close()
+            raise
+        if self.owns_fds:
+            # The mappings hold their own references: the passed fds are no longer needed,
+            # and closing them keeps the jailed worker's fd set to one per kept object.
+            for fd in sorted({r.fd for r in regions}):
+                os.close(fd)
+        self.memory = memory
+        self.queues = BalloonQueues(memory, body["features"], built,
+                                    {name: s.call_fd for name, s in zip(built, specs)},
+                                    body["stats_interval"], self._on_guest_error, self._on_stats)
+        self.kick_fds = {s.kick_fd: name for name, s in zip(built, specs)}
+        for fd in self.kick_fds:
+            os.set_blocking(fd, False)
+            self.poller.register(fd, _POLL_IN)
+        for name, spec in zip(built, specs):
+            built[name].enable_notification()
+            if spec.next_avail is None:
+                # A replacement worker: an interrupt the dead one owed may be lost.
+                signal_fd(spec.call_fd)
+        return {"queues": list(built)}
+
+    def _do_kill(self, message: Message) -> dict:
+        self.running = False
+        return self._state()
+
+    def _do_config(self, message: Message) -> dict:
+        self.config = dict(message.body)
+        return {}
+
+    def _do_stats(self, message: Message) -> dict:
+        return {"requested": self.queues.request_stats() if self.queues else False}
+
+    def _do_state(self, message: Message) -> dict:
+        return self._state()
+
+    def _do_ping(self, message: Message) -> dict:
+        return {"pid": os.getpid()}
+
+    def _state(self) -> dict:
+        if self.queues is None:
+            return {"active": False}
+        return {"active": True, "next_avail": self.queues.next_avail(),
+                "counters": asdict(self.queues.counters),
+                "suppressed_errors": self.suppressed_errors}
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _on_guest_error(self, queue: str, exc: GuestError) -> None:
+        now = time.monotonic()
+        start, count = self._errors_window
+        if now - start >= 1.0:
+            start, count = now, 0
+        if count >= MAX_ERROR_EVENTS_PER_SECOND:
+            self.suppressed_errors += 1
+        else:
+            self.send(event("error", queue=queue, message=f"{type(exc).__name__}: {exc}"[:4000]))
+            count += 1
+        self._errors_window = (start, count)
+
+    def _on_stats(self, snapshot: StatsSnapshot) -> None:
+        self.send(event("stats_event", values=snapshot.values,
+                        updated=float(snapshot.updated_wall or 0.0)))
+
+    def _unmap(self) -> None:
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
+
+def run_worker(command_fd: int, owns_fds: bool = True) -> None:
+    """Entry point for the worker: serve until told to stop or the parent is gone.
+
+    ``owns_fds`` is True in a jailed child (its fds are its own copies) and False when the
+    worker runs as a thread of the VMM, whose fds it must leave alone.
+    """
+    Worker(command_fd, owns_fds).run()
