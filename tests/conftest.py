@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Shared 2-core machines: wall-clock limits would measure the neighbours, not the code.
+settings.register_profile("vballoon", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("vballoon")
 
 from device.balloon import Balloon, BalloonOptions
 from tests.driver import MIB, BalloonDriver, GuestRam
