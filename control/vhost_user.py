@@ -475,10 +475,19 @@ class _Frame:
     payload: bytes
     fds: tuple[int, ...]
     lost_fds: int
+    names: type[enum.IntEnum]
 
     @property
     def need_reply(self) -> bool:
         return bool(self.flags & VHOST_USER_NEED_REPLY_MASK)
+
+    @property
+    def name(self) -> str:
+        """The request's spec name, or its number if the spec has none."""
+        try:
+            return self.names(self.request).name
+        except ValueError:
+            return str(self.request)
 
 
 @dataclass(frozen=True)
@@ -497,8 +506,15 @@ class _Framer:
     """
 
     def __init__(
-        self, *, replies: bool, max_payload_size: int, max_buffer_size: int, max_held_fds: int
+        self,
+        *,
+        names: type[enum.IntEnum],
+        replies: bool,
+        max_payload_size: int = MAX_PAYLOAD_SIZE,
+        max_buffer_size: int = DEFAULT_MAX_BUFFER_SIZE,
+        max_held_fds: int = DEFAULT_MAX_HELD_FDS,
     ) -> None:
+        self._names = names
         self._replies = replies
         self._max_payload_size = max_payload_size
         self._max_buffer_size = max_buffer_size
@@ -560,7 +576,7 @@ class _Framer:
         fds, lost = self._claim_fds(self._start + end)
         del self._buffer[:end]
         self._start += end
-        return _Frame(request, flags, payload, fds, lost)
+        return _Frame(request, flags, payload, fds, lost, self._names)
 
     def close(self) -> None:
         """Close every fd held; the framer is unusable afterwards. Idempotent."""
@@ -572,13 +588,15 @@ class _Framer:
             self._unusable = ConnectionUnusable("connection closed")
         _close_all(held)
 
-    def fail(self, error: VhostUserError) -> NoReturn:
+    def fail(self, error: VhostUserError, cause: VhostUserError | None = None) -> NoReturn:
         """Make the framer unusable (closing every fd held) and raise ``error``."""
         self.close()
         self._unusable = error
-        raise error
+        raise error from cause
 
     def _raise_unusable(self) -> NoReturn:
+        if self._unusable is None:  # only end of stream so far
+            raise ConnectionUnusable("data received after end of stream")
         raise ConnectionUnusable(f"connection unusable: {self._unusable}") from self._unusable
 
     def _incomplete(self) -> None:
@@ -602,7 +620,8 @@ class _Framer:
         if flags & ~allowed:
             self.fail(ReservedFlagsSet(f"request {request}: flags {flags:#x}"))
         if size > self._max_payload_size:
-            self.fail(OversizedMessage(f"request {request}: size {size} > {self._max_payload_size}"))
+            limit = self._max_payload_size
+            self.fail(OversizedMessage(f"request {request}: size {size} > {limit}"))
 
     def _claim_fds(self, end: int) -> tuple[tuple[int, ...], int]:
         # Anchors only grow, so the batches of this message are a prefix of the queue.
@@ -628,9 +647,12 @@ def _name(request: int) -> str:
         return str(request)
 
 
+_KNOWN_REQUESTS = frozenset(FrontendRequest)
+
+
 def _expect_size(frame: _Frame, size: int) -> None:
     if len(frame.payload) != size:
-        raise BadPayloadSize(f"{_name(frame.request)}: payload {len(frame.payload)} bytes, need {size}")
+        raise BadPayloadSize(f"{frame.name}: payload {len(frame.payload)} bytes, need {size}")
 
 
 def _unpack(frame: _Frame, layout: struct.Struct) -> tuple[int, ...]:
@@ -640,11 +662,11 @@ def _unpack(frame: _Frame, layout: struct.Struct) -> tuple[int, ...]:
 
 def _expect_fds(frame: _Frame, count: int) -> None:
     if frame.lost_fds:
-        raise UnexpectedFds(f"{_name(frame.request)}: {frame.lost_fds} fds over a bound were closed")
+        raise UnexpectedFds(f"{frame.name}: {frame.lost_fds} fds over a bound were closed")
     if len(frame.fds) > count:
-        raise UnexpectedFds(f"{_name(frame.request)}: {len(frame.fds)} fds, may carry {count}")
+        raise UnexpectedFds(f"{frame.name}: {len(frame.fds)} fds, may carry {count}")
     if len(frame.fds) < count:
-        raise MissingFds(f"{_name(frame.request)}: {len(frame.fds)} fds, needs {count}")
+        raise MissingFds(f"{frame.name}: {len(frame.fds)} fds, needs {count}")
 
 
 def _check_vring_index(index: int, max_queues: int) -> None:
@@ -654,7 +676,8 @@ def _check_vring_index(index: int, max_queues: int) -> None:
 
 def _check_config_access(offset: int, size: int, flags: int) -> None:
     if size == 0 or offset + size > VHOST_USER_MAX_CONFIG_SIZE:
-        raise BadConfigAccess(f"config offset {offset} size {size} (max {VHOST_USER_MAX_CONFIG_SIZE})")
+        limit = VHOST_USER_MAX_CONFIG_SIZE
+        raise BadConfigAccess(f"config offset {offset} size {size} (limit {limit})")
     if flags not in (VHOST_SET_CONFIG_TYPE_FRONTEND, VHOST_SET_CONFIG_TYPE_MIGRATION):
         raise BadConfigAccess(f"config flags {flags:#x}")
 
@@ -675,9 +698,8 @@ class MemRegion:
     mmap_offset: int
 
     def _pack(self) -> bytes:
-        return _pack(
-            _MEM_REGION, self.guest_phys_addr, self.memory_size, self.userspace_addr, self.mmap_offset
-        )
+        fields = (self.guest_phys_addr, self.memory_size, self.userspace_addr, self.mmap_offset)
+        return _pack(_MEM_REGION, *fields)
 
 
 def _decode_region(values: Sequence[int]) -> MemRegion:
@@ -869,7 +891,8 @@ class SetVringAddr(Request):
     log: int
 
     def _payload(self) -> bytes:
-        return _pack(_VRING_ADDR, self.index, self.flags, self.desc, self.used, self.avail, self.log)
+        fields = (self.index, self.flags, self.desc, self.used, self.avail, self.log)
+        return _pack(_VRING_ADDR, *fields)
 
     @classmethod
     def _decode(cls, frame: _Frame, max_queues: int) -> Request:
@@ -899,7 +922,7 @@ class _VringFdRequest(Request):
     def _decode(cls, frame: _Frame, max_queues: int) -> Request:
         (value,) = _unpack(frame, _U64)
         if value & ~(VHOST_USER_VRING_IDX_MASK | VHOST_USER_VRING_NOFD_MASK):
-            raise ReservedBitsSet(f"{_name(frame.request)}: payload {value:#x}")
+            raise ReservedBitsSet(f"{frame.name}: payload {value:#x}")
         nofd = bool(value & VHOST_USER_VRING_NOFD_MASK)
         _expect_fds(frame, 0 if nofd else 1)
         index = value & VHOST_USER_VRING_IDX_MASK
@@ -958,10 +981,8 @@ class SetMemTable(Request):
         if any(payload[used_end:]):
             raise ReservedBitsSet("SET_MEM_TABLE: unused region slots are not zero")
         _expect_fds(frame, nregions)
-        regions = tuple(
-            _decode_region(_MEM_REGION.unpack_from(payload, _MEM_TABLE_HEADER.size + i * _MEM_REGION.size))
-            for i in range(nregions)
-        )
+        offsets = range(_MEM_TABLE_HEADER.size, used_end, _MEM_REGION.size)
+        regions = tuple(_decode_region(_MEM_REGION.unpack_from(payload, at)) for at in offsets)
         return cls(regions, frame.fds, need_reply=frame.need_reply)
 
 
@@ -1023,7 +1044,7 @@ class SetBackendReqFd(Request):
 
 def _decode_config(frame: _Frame) -> tuple[int, int, int, bytes]:
     if len(frame.payload) < _CONFIG_HEADER.size:
-        raise BadPayloadSize(f"{_name(frame.request)}: payload {len(frame.payload)} bytes")
+        raise BadPayloadSize(f"{frame.name}: payload {len(frame.payload)} bytes")
     offset, size, flags = _CONFIG_HEADER.unpack_from(frame.payload)
     _expect_size(frame, _CONFIG_HEADER.size + size)
     _check_config_access(offset, size, flags)
@@ -1105,13 +1126,14 @@ class ConnectionClosed:
     """The peer ended the stream at a message boundary."""
 
 
-class _Sentinel(enum.Enum):
+class NeedData(enum.Enum):
+    """Type of the NEED_DATA sentinel."""
+
     NEED_DATA = "NEED_DATA"
 
 
-#: next_event() result when no whole message is buffered.
-NEED_DATA = _Sentinel.NEED_DATA
-NeedData: TypeAlias = "enum.Literal[_Sentinel.NEED_DATA]"  # documentation alias
+#: next_event() result when no whole message is buffered: receive more first.
+NEED_DATA = NeedData.NEED_DATA
 
 BackendEvent: TypeAlias = Request | RejectedRequest | ConnectionClosed
 
@@ -1119,15 +1141,43 @@ BackendEvent: TypeAlias = Request | RejectedRequest | ConnectionClosed
 def _decode_request(frame: _Frame, max_queues: int) -> Request | RejectedRequest:
     """Decode one frame; on any FrontendProtocolError close its fds and reject it."""
     try:
-        if frame.request not in FrontendRequest.__members__.values():
+        if frame.request not in _KNOWN_REQUESTS:
             raise UnknownRequest(f"request {frame.request}")
         cls = _REQUEST_TYPES.get(frame.request)
         if cls is None:
-            raise UnsupportedRequest(f"{_name(frame.request)} is not supported")
+            raise UnsupportedRequest(f"{frame.name} is not supported")
         return cls._decode(frame, max_queues)
     except FrontendProtocolError as error:
         _close_all(frame.fds)
         return RejectedRequest(frame.request, frame.need_reply, error)
+
+
+class _Endpoint:
+    """What all four ends share: a framer, and feeding it. See the module docstring."""
+
+    _framer: _Framer
+
+    def receive_data(
+        self, data: bytes, fds: Sequence[int] = (), *, fds_truncated: bool = False
+    ) -> None:
+        """Buffer bytes and the fds that came with them; ownership of the fds passes here.
+
+        ``fds_truncated``: recvmsg reported MSG_CTRUNC (the kernel dropped fds); the message
+        they belonged to will be refused. Raises ReceiveBufferFull (fatal) if events were not
+        drained between receives, and ConnectionUnusable after a fatal error, close() or
+        receive_eof(); in every failure case the fds given are closed.
+        """
+        self._framer.receive_data(data, fds, fds_truncated)
+
+    def receive_eof(self) -> None:
+        """The peer ended the stream: next_event() returns ConnectionClosed once the buffer is
+        empty, or raises TruncatedMessage (fatal) if it ends inside a message."""
+        self._framer.receive_eof()
+
+    def close(self) -> None:
+        """Close every fd still held for incomplete messages; the object is unusable after.
+        Idempotent."""
+        self._framer.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -1139,7 +1189,7 @@ def _reply(request: int, payload: bytes = b"") -> bytes:
     return _encode(request, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, payload)
 
 
-class BackendConnection:
+class BackendConnection(_Endpoint):
     """The back-end's end of the main vhost-user socket (sans-I/O).
 
     Feed what the socket delivers with receive_data()/receive_eof(); take events with
@@ -1164,28 +1214,14 @@ class BackendConnection:
             raise ValueOutOfRange(f"max_queues {max_queues} not in 1..256")
         self._max_queues = max_queues
         self._framer = _Framer(
+            names=FrontendRequest,
             replies=False,
-            max_payload_size=MAX_PAYLOAD_SIZE,
             max_buffer_size=max_buffer_size,
             max_held_fds=max_held_fds,
         )
         self._owed: Request | RejectedRequest | None = None
 
-    def receive_data(self, data: bytes, fds: Sequence[int] = (), *, fds_truncated: bool = False) -> None:
-        """Buffer bytes and the fds that came with them (ownership passes to the codec).
-
-        Raises ReceiveBufferFull (fatal) if the caller did not drain events, and
-        ConnectionUnusable after a fatal error, close() or receive_eof(); the fds given are
-        closed in every failure case.
-        """
-        self._framer.receive_data(data, fds, fds_truncated)
-
-    def receive_eof(self) -> None:
-        """The peer closed the stream; next_event() returns ConnectionClosed once the buffer
-        is empty, or raises TruncatedMessage if a message was cut."""
-        self._framer.receive_eof()
-
-    def next_event(self) -> BackendEvent | _Sentinel:
+    def next_event(self) -> BackendEvent | NeedData:
         """The next event, NEED_DATA, or ConnectionClosed (repeatedly) after a clean end.
 
         Raises ReplyOwed if the previous event still waits for its reply, a FramingError
@@ -1207,17 +1243,15 @@ class BackendConnection:
         Reply to each event that expects it before asking for the next."""
         while True:
             event = self.next_event()
-            if event is NEED_DATA:
+            if isinstance(event, NeedData):
                 return
-            assert not isinstance(event, _Sentinel)
             yield event
             if isinstance(event, ConnectionClosed):
                 return
 
     def close(self) -> None:
-        """Close every fd still held for incomplete messages; the object is unusable after."""
         self._owed = None
-        self._framer.close()
+        super().close()
 
     # Replies. Each checks it answers the request that waits (else ReplyNotOwed or
     # ReplyMismatch, nothing changed) and raises ValueOutOfRange if a value does not fit.
@@ -1248,11 +1282,13 @@ class BackendConnection:
         """Reply to GET_CONFIG, echoing its offset, size and flags exactly (UML and QEMU
         both refuse anything else) with ``size`` bytes of data."""
         owed = self._check_owed(FrontendRequest.GET_CONFIG)
-        if not isinstance(owed, GetConfig) or (owed.offset, owed.size, owed.flags) != (offset, size, flags):
-            raise ReplyMismatch(f"GET_CONFIG reply ({offset}, {size}, {flags}) does not echo {owed}")
+        echo = (offset, size, flags)
+        if not isinstance(owed, GetConfig) or (owed.offset, owed.size, owed.flags) != echo:
+            raise ReplyMismatch(f"GET_CONFIG reply {echo} does not echo {owed}")
         if len(data) != size:
             raise ReplyMismatch(f"GET_CONFIG reply carries {len(data)} bytes, not {size}")
-        return self._settle(_reply(FrontendRequest.GET_CONFIG, _pack(_CONFIG_HEADER, offset, size, flags) + data))
+        payload = _pack(_CONFIG_HEADER, offset, size, flags) + data
+        return self._settle(_reply(FrontendRequest.GET_CONFIG, payload))
 
     def reply_config_failure(self) -> bytes:
         """Fail a GET_CONFIG (accepted or rejected): the spec's zero-length reply."""
@@ -1320,13 +1356,15 @@ class ConfigReplyFailed:
     """The back-end answered GET_CONFIG with the zero-length error reply."""
 
 
-FrontendEvent: TypeAlias = U64Reply | Ack | VringStateReply | ConfigReply | ConfigReplyFailed | ConnectionClosed
+FrontendEvent: TypeAlias = (
+    U64Reply | Ack | VringStateReply | ConfigReply | ConfigReplyFailed | ConnectionClosed
+)
 
 
 def _decode_reply(frame: _Frame, expected: Request | None) -> FrontendEvent:
     _expect_fds(frame, 0)
     if expected is None or frame.request != expected.REQUEST:
-        raise UnexpectedReply(f"reply to {_name(frame.request)} while waiting for {expected}")
+        raise UnexpectedReply(f"reply to {frame.name} while waiting for {expected}")
     if isinstance(expected, GetVringBase):
         index, num = _unpack(frame, _VRING_STATE)
         if index != expected.index:
@@ -1345,7 +1383,7 @@ def _decode_reply(frame: _Frame, expected: Request | None) -> FrontendEvent:
     return Ack(expected.REQUEST, value)
 
 
-class FrontendConnection:
+class FrontendConnection(_Endpoint):
     """The front-end's end of the main socket, so tests (or a Python VMM) can drive a
     BackendConnection without a socket, as h11's tests pair two connections.
 
@@ -1355,12 +1393,7 @@ class FrontendConnection:
     """
 
     def __init__(self, *, max_buffer_size: int = DEFAULT_MAX_BUFFER_SIZE) -> None:
-        self._framer = _Framer(
-            replies=True,
-            max_payload_size=MAX_PAYLOAD_SIZE,
-            max_buffer_size=max_buffer_size,
-            max_held_fds=DEFAULT_MAX_HELD_FDS,
-        )
+        self._framer = _Framer(names=FrontendRequest, replies=True, max_buffer_size=max_buffer_size)
         self._awaiting: Request | None = None
 
     def send(self, request: Request) -> tuple[bytes, tuple[int, ...]]:
@@ -1378,17 +1411,7 @@ class FrontendConnection:
             self._awaiting = request
         return data, request._attached_fds()
 
-    def receive_data(self, data: bytes, fds: Sequence[int] = (), *, fds_truncated: bool = False) -> None:
-        """As BackendConnection.receive_data."""
-        self._framer.receive_data(data, fds, fds_truncated)
-
-    def receive_eof(self) -> None:
-        self._framer.receive_eof()
-
-    def close(self) -> None:
-        self._framer.close()
-
-    def next_event(self) -> FrontendEvent | _Sentinel:
+    def next_event(self) -> FrontendEvent | NeedData:
         """The next reply, NEED_DATA, or ConnectionClosed. Raises BadBackendMessage (fatal)
         if the back-end's message is malformed or answers nothing that was asked."""
         try:
@@ -1401,15 +1424,9 @@ class FrontendConnection:
             event = _decode_reply(frame, self._awaiting)
         except FrontendProtocolError as error:
             _close_all(frame.fds)
-            self._fail(error)
+            self._framer.fail(BadBackendMessage(str(error)), cause=error)
         self._awaiting = None
         return event
-
-    def _fail(self, error: FrontendProtocolError) -> NoReturn:
-        try:
-            self._framer.fail(BadBackendMessage(str(error)))
-        except BadBackendMessage as wrapped:
-            raise wrapped from error
 
 
 # --------------------------------------------------------------------------------------
@@ -1424,19 +1441,14 @@ class ConfigChangeMsg:
     need_reply: bool = False
 
 
-class BackendRequestSender:
+class BackendRequestSender(_Endpoint):
     """The back-end's end of the backend-request socket: encodes BACKEND_CONFIG_CHANGE_MSG
     and decodes the front-end's acks. Any malformed or unsolicited message from the front-end
     raises its FrontendProtocolError subclass and is fatal (this channel carries nothing else).
     """
 
     def __init__(self, *, max_buffer_size: int = DEFAULT_MAX_BUFFER_SIZE) -> None:
-        self._framer = _Framer(
-            replies=True,
-            max_payload_size=MAX_PAYLOAD_SIZE,
-            max_buffer_size=max_buffer_size,
-            max_held_fds=DEFAULT_MAX_HELD_FDS,
-        )
+        self._framer = _Framer(names=BackendRequest, replies=True, max_buffer_size=max_buffer_size)
         self._awaiting: BackendRequest | None = None
 
     def config_change_msg(self, need_reply: bool = True) -> bytes:
@@ -1450,16 +1462,7 @@ class BackendRequestSender:
             self._awaiting = BackendRequest.CONFIG_CHANGE_MSG
         return _encode(BackendRequest.CONFIG_CHANGE_MSG, flags)
 
-    def receive_data(self, data: bytes, fds: Sequence[int] = (), *, fds_truncated: bool = False) -> None:
-        self._framer.receive_data(data, fds, fds_truncated)
-
-    def receive_eof(self) -> None:
-        self._framer.receive_eof()
-
-    def close(self) -> None:
-        self._framer.close()
-
-    def next_event(self) -> Ack | ConnectionClosed | _Sentinel:
+    def next_event(self) -> Ack | ConnectionClosed | NeedData:
         """The front-end's Ack, NEED_DATA or ConnectionClosed. Raises FramingError,
         UnexpectedReply, BadPayloadSize or UnexpectedFds (all fatal)."""
         frame = self._framer.next_frame()
@@ -1468,7 +1471,7 @@ class BackendRequestSender:
         try:
             _expect_fds(frame, 0)
             if self._awaiting is None or frame.request != self._awaiting:
-                raise UnexpectedReply(f"ack for backend request {frame.request}, awaiting {self._awaiting}")
+                raise UnexpectedReply(f"ack for {frame.name}, awaiting {self._awaiting!r}")
             (status,) = _unpack(frame, _U64)
         except FrontendProtocolError as error:
             _close_all(frame.fds)
@@ -1477,29 +1480,15 @@ class BackendRequestSender:
         return Ack(frame.request, status)
 
 
-class BackendRequestReceiver:
+class BackendRequestReceiver(_Endpoint):
     """The front-end's end of the backend-request socket (tests): decodes the back-end's
     requests and encodes acks. Anything malformed raises BadBackendMessage (fatal)."""
 
     def __init__(self, *, max_buffer_size: int = DEFAULT_MAX_BUFFER_SIZE) -> None:
-        self._framer = _Framer(
-            replies=False,
-            max_payload_size=MAX_PAYLOAD_SIZE,
-            max_buffer_size=max_buffer_size,
-            max_held_fds=DEFAULT_MAX_HELD_FDS,
-        )
+        self._framer = _Framer(names=BackendRequest, replies=False, max_buffer_size=max_buffer_size)
         self._owed: ConfigChangeMsg | None = None
 
-    def receive_data(self, data: bytes, fds: Sequence[int] = (), *, fds_truncated: bool = False) -> None:
-        self._framer.receive_data(data, fds, fds_truncated)
-
-    def receive_eof(self) -> None:
-        self._framer.receive_eof()
-
-    def close(self) -> None:
-        self._framer.close()
-
-    def next_event(self) -> ConfigChangeMsg | ConnectionClosed | _Sentinel:
+    def next_event(self) -> ConfigChangeMsg | ConnectionClosed | NeedData:
         if self._owed is not None:
             raise ReplyOwed("BACKEND_CONFIG_CHANGE_MSG still waits for its ack")
         try:
@@ -1510,15 +1499,12 @@ class BackendRequestReceiver:
             return ConnectionClosed() if self._framer.at_clean_eof else NEED_DATA
         try:
             if frame.request != BackendRequest.CONFIG_CHANGE_MSG:
-                raise UnsupportedRequest(f"backend request {frame.request}")
+                raise UnsupportedRequest(f"backend request {frame.name}")
             _expect_size(frame, 0)
             _expect_fds(frame, 0)
         except FrontendProtocolError as error:
             _close_all(frame.fds)
-            try:
-                self._framer.fail(BadBackendMessage(str(error)))
-            except BadBackendMessage as wrapped:
-                raise wrapped from error
+            self._framer.fail(BadBackendMessage(str(error)), cause=error)
         event = ConfigChangeMsg(need_reply=frame.need_reply)
         if event.need_reply:
             self._owed = event

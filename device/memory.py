@@ -199,12 +199,17 @@ class GuestMemory:
         return self.regions[self.locate(addr, 0)[0]]
 
     def user_to_guest(self, user_addr: int) -> int:
-        """Translate a VMM virtual address (as vhost-user rings are given) to guest-physical.
+        return user_to_guest(self.regions, user_addr)
 
-        Raises ``AddressOutOfRange`` if no region covers it.
-        """
-        for region in self.regions:
-            base = region.guest_addr if region.user_addr is None else region.user_addr
-            if base <= user_addr < base + region.size:
-                return region.guest_addr + (user_addr - base)
-        raise AddressOutOfRange(f"VMM address {user_addr:#x} is not inside guest memory")
+
+def user_to_guest(regions: tuple[MemoryRegion, ...] | list[MemoryRegion], user_addr: int) -> int:
+    """Translate a VMM virtual address (as vhost-user rings are given) to guest-physical.
+
+    Pure: needs the region table only, not a mapping. Raises ``AddressOutOfRange`` if no
+    region covers it.
+    """
+    for region in regions:
+        base = region.guest_addr if region.user_addr is None else region.user_addr
+        if base <= user_addr < base + region.size:
+            return region.guest_addr + (user_addr - base)
+    raise AddressOutOfRange(f"VMM address {user_addr:#x} is not inside guest memory")

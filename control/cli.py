@@ -1,0 +1,213 @@
+"""The ``vballoon`` command line: ``serve``, ``set``, ``adjust``, ``status``, ``stats``.
+
+Exit status: 0 success, 1 an error (refused request, no server, timeout, stalled guest),
+2 bad usage (argparse's own convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+
+from control.client import ControlClient
+from control.errors import ControlError
+from device.balloon import BalloonOptions
+
+DEFAULT_CONTROL = "/run/vballoon.sock"
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``512M``, ``1G``, ``1GiB``, ``1.5g``, ``0`` or plain bytes -> bytes (binary units).
+
+    Raises ``ValueError`` with a readable message for anything else, negatives included.
+    """
+    match = _SIZE.match(text)
+    if not match or (match.group(3) and not match.group(2) and match.group(3).lower() == "ib"):
+        raise ValueError(f"bad size {text!r}: use bytes or a number with K, M, G or T "
+                         f"(binary: 1G = 1GiB = 1073741824 bytes)")
+    number, unit = match.group(1), match.group(2).lower()
+    return int(float(number) * _UNITS[unit]) if "." in number else int(number) * _UNITS[unit]
+
+
+def human(size: int | None) -> str:
+    if size is None:
+        return "-"
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(size) >= factor:
+            return f"{size / factor:.1f} {unit}"
+    return f"{size} B"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vballoon", description="A virtio-balloon device "
+                                     "for VMMs (vhost-user), its worker jailed.")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    serve = sub.add_parser("serve", help="run the vhost-user balloon device")
+    serve.add_argument("--socket", required=True, help="vhost-user socket path to listen on")
+    serve.add_argument("--control", default=DEFAULT_CONTROL, help="control socket path")
+    serve.add_argument("--deflate-on-oom", action="store_true",
+                       help="let the guest take pages back under memory pressure")
+    serve.add_argument("--free-page-reporting", action="store_true",
+                       help="release pages the guest reports free")
+    serve.add_argument("--no-stats", action="store_true", help="do not offer the stats queue")
+    serve.add_argument("--stats-interval", type=float, default=0.0, metavar="SECONDS",
+                       help="ask the guest for fresh stats this often (0: only on request)")
+    serve.add_argument("--seccomp", choices=("kill", "log"), default="kill",
+                       help="kill the worker on a denied syscall, or log it (policy writing)")
+    serve.add_argument("--no-jail", action="store_true",
+                       help="DEBUG ONLY: run the worker unjailed, as a thread")
+    serve.add_argument("--log-level", default="info",
+                       choices=("debug", "info", "warning", "error"))
+
+    for verb, text in (("set", "set the balloon size"), ("adjust", "move the target by pages"),
+                       ("status", "show the balloon's state"), ("stats", "show guest stats")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("--control", default=DEFAULT_CONTROL, help="control socket path")
+        if verb == "set":
+            p.add_argument("size", help="512M, 1G, 1GiB, 0, or bytes")
+            p.add_argument("--wait", action="store_true", help="wait, with a progress bar")
+            p.add_argument("--timeout", type=float, default=60.0, metavar="S")
+            p.add_argument("--stall", type=float, default=5.0, metavar="S",
+                           help="with --wait: give up when the guest makes no progress this long")
+        elif verb == "adjust":
+            p.add_argument("pages", type=int, help="pages to add (negative: remove)")
+        else:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+            if verb == "stats":
+                p.add_argument("--refresh", action="store_true",
+                               help="also ask the guest for fresh stats")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.verb == "serve":
+        return _serve(args)
+    try:
+        with ControlClient(args.control) as client:
+            return _VERBS[args.verb](client, args)
+    except (ControlError, TimeoutError, ValueError) as exc:
+        print(f"vballoon {args.verb}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from control.proxy import ProxyOptions
+    from control.server import ServeOptions, serve
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.no_jail:
+        logging.getLogger("vballoon").warning(
+            "--no-jail: the worker runs UNJAILED in this process; for debugging only")
+    options = ServeOptions(
+        socket_path=args.socket, control_path=args.control,
+        balloon=BalloonOptions(stats=not args.no_stats, deflate_on_oom=args.deflate_on_oom,
+                               free_page_reporting=args.free_page_reporting,
+                               stats_interval=args.stats_interval),
+        proxy=ProxyOptions(jail=not args.no_jail, seccomp_mode=args.seccomp))
+    serve(options)
+    return 0
+
+
+def _set(client: ControlClient, args: argparse.Namespace) -> int:
+    size = parse_size(args.size)
+    status = client.request("set", size=size)
+    print(f"target {human(status['target_bytes'])}")
+    if not args.wait:
+        return 0
+    return _wait(client, args.timeout, args.stall)
+
+
+def _wait(client: ControlClient, timeout: float, stall: float) -> int:
+    """Draw actual vs target until settled; 1 on timeout or a stalled guest."""
+    deadline = time.monotonic() + timeout
+    tty = sys.stdout.isatty()
+    while True:
+        left = deadline - time.monotonic()
+        reply = client.request("wait", timeout=min(0.25, max(0.0, left)) + 5,
+                               **{"timeout": min(0.25, max(0.0, left)), "stall": stall})
+        outcome = reply["outcome"]
+        bar = _bar(reply["actual_bytes"], reply["target_bytes"], reply.get("guest_memory_bytes"))
+        if tty:
+            print(f"\r{bar}", end="", flush=True)
+        if outcome == "timeout" and time.monotonic() < deadline:
+            continue
+        if tty:
+            print()
+        else:
+            print(bar)
+        if outcome == "settled":
+            return 0
+        reason = {"stalled": f"the guest made no progress for {stall:g} s",
+                  "timeout": f"not settled after {timeout:g} s",
+                  "disconnected": "the guest disconnected"}[outcome]
+        print(f"vballoon set: {reason} (actual {human(reply['actual_bytes'])}, "
+              f"target {human(reply['target_bytes'])})", file=sys.stderr)
+        return 1
+
+
+def _bar(actual: int, target: int, total: int | None, width: int = 30) -> str:
+    scale = max(target, actual, 1)
+    done = min(width, round(width * actual / scale))
+    return (f"[{'#' * done}{'.' * (width - done)}] balloon {human(actual)} of "
+            f"{human(target)} target" + (f" (guest has {human(total)})" if total else ""))
+
+
+def _adjust(client: ControlClient, args: argparse.Namespace) -> int:
+    status = client.request("adjust", pages=args.pages)
+    print(f"target {human(status['target_bytes'])}")
+    return 0
+
+
+def _status(client: ControlClient, args: argparse.Namespace) -> int:
+    status = client.request("status")
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    rows = [("state", status["state"]),
+            ("target", human(status["target_bytes"])),
+            ("actual", human(status["actual_bytes"])),
+            ("guest memory", human(status.get("guest_memory_bytes"))),
+            ("worker pid", status["worker_pid"] or "-"),
+            ("worker restarts", status["worker_restarts"]),
+            ("features", ", ".join(status["features"]) or "-")]
+    if status.get("last_worker_exit"):
+        rows.append(("last worker exit", status["last_worker_exit"]))
+    _table(rows)
+    return 0
+
+
+def _stats(client: ControlClient, args: argparse.Namespace) -> int:
+    stats = client.request("stats", refresh=args.refresh)
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+        return 0
+    memory = {"free_memory", "total_memory", "available_memory", "disk_caches"}
+    rows = [(name, human(value) if name in memory and value is not None else
+             ("-" if value is None else value))
+            for name, value in stats.items()
+            if name not in ("updated_at", "age_seconds", "refresh_requested")]
+    age = stats.get("age_seconds")
+    rows.append(("updated", "never" if age is None else f"{age:.1f} s ago"))
+    _table(rows)
+    return 0
+
+
+def _table(rows: list[tuple[str, object]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+_VERBS = {"set": _set, "adjust": _adjust, "status": _status, "stats": _stats}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

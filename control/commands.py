@@ -1,0 +1,116 @@
+"""The operator's commands, independent of sockets: a request map in, a reply map out.
+
+Every argument is checked here; a refused request raises ``RequestError`` and changes
+nothing. ``wait`` is answered later by the server (it may take seconds); this module only
+validates it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from control.errors import RequestError, WorkerError
+from control.proxy import ProxyBalloon
+from device.balloon import PAGE_SIZE, feature_names
+from device.stats import STAT_NAMES
+
+COMMANDS = ("status", "stats", "set", "adjust", "wait")
+MAX_WAIT = 3600.0
+
+
+@dataclass(frozen=True)
+class WaitRequest:
+    timeout: float
+    stall: float
+
+
+def _number(message: dict, name: str, low: float, high: float, default: float | None = None) -> float:
+    value = message.get(name, default)
+    if type(value) not in (int, float) or not low <= value <= high:
+        raise RequestError(f"{name!r} must be a number from {low} to {high}, not {value!r}")
+    return float(value)
+
+
+def _check_fields(message: dict, allowed: set[str]) -> None:
+    unknown = set(message) - allowed - {"id", "cmd"}
+    if unknown:
+        raise RequestError(f"unknown arguments {sorted(map(str, unknown))}")
+
+
+def status(device: ProxyBalloon | None) -> dict[str, Any]:
+    """The status map (its field names are a contract; see README)."""
+    if device is None:
+        return {"state": "waiting", "connected": False, "target_bytes": 0, "actual_bytes": 0,
+                "worker_pid": None, "worker_restarts": 0, "features": [],
+                "guest_memory_bytes": None, "last_worker_exit": None}
+    worker = device.worker
+    return {"state": device.state, "connected": True,
+            "target_bytes": device.config.num_pages * PAGE_SIZE,
+            "actual_bytes": device.config.actual * PAGE_SIZE,
+            "worker_pid": worker.pid if worker is not None else None,
+            "worker_restarts": device.restarts,
+            "features": feature_names(device.acked_features),
+            "guest_memory_bytes": None if device.guest_pages is None
+            else device.guest_pages * PAGE_SIZE,
+            "last_worker_exit": device.last_exit}
+
+
+def stats(device: ProxyBalloon | None, refresh: bool) -> dict[str, Any]:
+    """The latest guest statistics by Firecracker's names; None for what never arrived."""
+    snapshot = device.stats if device is not None else None
+    values = snapshot.values if snapshot is not None else {}
+    result: dict[str, Any] = {name: values.get(name) for name in STAT_NAMES.values()}
+    updated = snapshot.updated_wall if snapshot is not None else None
+    result["updated_at"] = updated
+    result["age_seconds"] = None if not updated else max(0.0, time.time() - updated)
+    result["refresh_requested"] = False
+    if refresh and device is not None and device.state == "active":
+        try:
+            result["refresh_requested"] = device.request_stats()
+        except WorkerError as exc:
+            raise RequestError(f"cannot refresh stats: {exc}") from exc
+    return result
+
+
+def _device(device: ProxyBalloon | None) -> ProxyBalloon:
+    if device is None or device.guest_pages is None:
+        raise RequestError("no guest is connected (or it has not set up the balloon yet)")
+    return device
+
+
+def handle(device: ProxyBalloon | None, message: dict) -> dict[str, Any] | WaitRequest:
+    """Run one request; returns the reply body, or a ``WaitRequest`` for the server."""
+    cmd = message.get("cmd")
+    if cmd == "status":
+        _check_fields(message, set())
+        return status(device)
+    if cmd == "stats":
+        _check_fields(message, {"refresh"})
+        refresh = message.get("refresh", False)
+        if type(refresh) is not bool:
+            raise RequestError("'refresh' must be true or false")
+        return stats(device, refresh)
+    if cmd == "set":
+        _check_fields(message, {"size"})
+        size = message.get("size")
+        target = _device(device)
+        if type(size) is not int or not 0 <= size <= target.guest_pages * PAGE_SIZE:
+            raise RequestError(f"size must be 0..{target.guest_pages * PAGE_SIZE} bytes "
+                               f"(the guest's memory), not {size!r}")
+        target.set_target_bytes(size)
+        return status(device)
+    if cmd == "adjust":
+        _check_fields(message, {"pages"})
+        pages = message.get("pages")
+        if type(pages) is not int:
+            raise RequestError(f"'pages' must be a whole number, not {pages!r}")
+        _device(device).adjust_pages(pages)
+        return status(device)
+    if cmd == "wait":
+        _check_fields(message, {"timeout", "stall"})
+        _device(device)
+        return WaitRequest(_number(message, "timeout", 0, MAX_WAIT, 30.0),
+                           _number(message, "stall", 0.1, MAX_WAIT, 5.0))
+    raise RequestError(f"unknown command {cmd!r}; commands: {', '.join(COMMANDS)}")

@@ -1,0 +1,284 @@
+"""One vhost-user session: the front-end's requests turned into calls on a balloon device.
+
+The codec (``control.vhost_user``) has already checked every message's shape and fds; this
+layer checks meaning (indices against the negotiated queues, addresses against the memory
+table) and keeps the per-connection state::
+
+    connected --SET_FEATURES/SET_MEM_TABLE/SET_VRING_*--> configuring
+    configuring --SET_VRING_KICK of the last queue--> active (the jailed worker runs)
+    active --GET_VRING_BASE / RESET_DEVICE / RESET_OWNER--> stopped --(kicks again)--> active
+    any --connection closed--> closed (the device is reset, every fd closed)
+
+Config space is served here, in the parent: the guest reads it and writes ``actual`` once
+per MiB it inflates, and nothing on that path needs the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+
+from control import vhost_user as vu
+from control.errors import ControlError
+from control.proxy import ProxyBalloon
+from device.balloon import QueueSpec, feature_names
+from device.errors import DeviceError
+from device.memory import MemoryRegion, user_to_guest, validate_regions
+from device.virtqueue import QueueConfig
+
+log = logging.getLogger("vballoon.vhost")
+
+OFFERED_PROTOCOL_FEATURES = (1 << vu.VHOST_USER_PROTOCOL_F_REPLY_ACK
+                             | 1 << vu.VHOST_USER_PROTOCOL_F_BACKEND_REQ
+                             | 1 << vu.VHOST_USER_PROTOCOL_F_CONFIG
+                             | 1 << vu.VHOST_USER_PROTOCOL_F_RESET_DEVICE)
+MAX_QUEUES = 5
+CONFIG_SPACE_LIMIT = 256
+
+
+@dataclass
+class Vring:
+    num: int = 0
+    base: int = 0
+    addr: vu.SetVringAddr | None = None
+    kick_fd: int = -1
+    call_fd: int = -1
+    enabled: bool = False
+
+    def close(self) -> None:
+        for name in ("kick_fd", "call_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+@dataclass
+class SessionState:
+    features: int = 0
+    protocol_features: int = 0
+    regions: tuple[MemoryRegion, ...] = ()
+    vrings: list[Vring] = field(default_factory=lambda: [Vring() for _ in range(MAX_QUEUES)])
+    active: bool = False
+
+
+class VhostUserSession:
+    """Handles one front-end connection for ``device`` (a fresh device per connection)."""
+
+    def __init__(self, device: ProxyBalloon) -> None:
+        self.device = device
+        self.state = SessionState()
+        self.backend_req: socket.socket | None = None
+        self.backend_sender = vu.BackendRequestSender()
+        device.on_config_change = self.notify_config_change
+
+    # -- dispatch ----------------------------------------------------------------------------
+
+    def handle(self, event: vu.Request | vu.RejectedRequest, conn: vu.BackendConnection) -> bytes | None:
+        """Apply one event; return the reply to send (None if the front-end expects none)."""
+        if isinstance(event, vu.RejectedRequest):
+            log.warning("refused vhost-user request %s: %s", event.request, event.error)
+            return self._fail(event.request, event.reply_expected, conn)
+        handler = getattr(self, f"_on_{type(event).__name__}", None)
+        try:
+            if handler is None:
+                raise ControlError(f"{type(event).__name__} is not supported")
+            reply = handler(event, conn)
+        except (ControlError, DeviceError, OSError) as exc:
+            log.warning("vhost-user %s failed: %s", type(event).__name__, exc)
+            return self._fail(event.REQUEST, event.reply_expected, conn)
+        if reply is None and event.reply_expected:
+            return conn.reply_ack(event.REQUEST, True)
+        return reply
+
+    @staticmethod
+    def _fail(request: int, reply_expected: bool, conn: vu.BackendConnection) -> bytes | None:
+        if not reply_expected:
+            return None
+        if request == vu.FrontendRequest.GET_CONFIG:
+            return conn.reply_config_failure()
+        if request in vu.REQUESTS_WITH_REPLY:
+            raise ControlError(f"cannot fail request {request} that has a reply body")
+        return conn.reply_ack(request, False)
+
+    # -- negotiation ---------------------------------------------------------------------------
+
+    def _on_SetOwner(self, event, conn) -> None:
+        return None
+
+    def _on_GetFeatures(self, event, conn) -> bytes:
+        return conn.reply_u64(event.REQUEST, self.device.device_features
+                              | 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
+
+    def _on_SetFeatures(self, event, conn) -> None:
+        virtio = event.features & ~(1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
+        self.device.ack_features(virtio)
+        self.state.features = event.features
+        log.info("guest negotiated %s", ", ".join(feature_names(virtio)) or "no features")
+
+    def _on_GetProtocolFeatures(self, event, conn) -> bytes:
+        return conn.reply_u64(event.REQUEST, OFFERED_PROTOCOL_FEATURES)
+
+    def _on_SetProtocolFeatures(self, event, conn) -> None:
+        unknown = event.features & ~OFFERED_PROTOCOL_FEATURES
+        if unknown:
+            raise ControlError(f"protocol features {unknown:#x} were not offered")
+        self.state.protocol_features = event.features
+
+    def _on_GetQueueNum(self, event, conn) -> bytes:
+        return conn.reply_u64(event.REQUEST, MAX_QUEUES)
+
+    def _on_SetBackendReqFd(self, event, conn) -> None:
+        if self.backend_req is not None:
+            self.backend_req.close()
+        self.backend_req = socket.socket(fileno=event.fd)
+        self.backend_req.setblocking(False)
+
+    # -- memory and rings ----------------------------------------------------------------------
+
+    def _on_SetMemTable(self, event, conn) -> None:
+        regions = []
+        try:
+            for region, fd in zip(event.regions, event.fds):
+                regions.append(MemoryRegion.from_fd(
+                    fd, region.guest_phys_addr, region.memory_size, region.mmap_offset,
+                    region.userspace_addr))
+            regions.sort(key=lambda r: r.guest_addr)
+            validate_regions(regions)
+        except (DeviceError, OSError):
+            for fd in event.fds:
+                os.close(fd)
+            raise
+        if self.state.active:
+            self._stop()
+        self._close_regions()
+        self.state.regions = tuple(regions)
+
+    def _vring(self, index: int) -> Vring:
+        if index >= len(self.device.queue_names()) and self.state.features:
+            raise ControlError(f"vring {index} is not one of the negotiated queues")
+        return self.state.vrings[index]
+
+    def _on_SetVringNum(self, event, conn) -> None:
+        self._vring(event.index).num = event.num
+
+    def _on_SetVringBase(self, event, conn) -> None:
+        self._vring(event.index).base = event.num
+
+    def _on_SetVringAddr(self, event, conn) -> None:
+        self._vring(event.index).addr = event
+
+    def _on_SetVringCall(self, event, conn) -> None:
+        self._replace_fd(event, "call_fd")
+
+    def _on_SetVringErr(self, event, conn) -> None:
+        if event.fd is not None:
+            os.close(event.fd)      # we never report ring errors through it
+
+    def _on_SetVringKick(self, event, conn) -> None:
+        self._replace_fd(event, "kick_fd")
+        self._maybe_activate()
+
+    def _replace_fd(self, event, name: str) -> None:
+        try:
+            vring = self._vring(event.index)
+        except ControlError:
+            if event.fd is not None:
+                os.close(event.fd)
+            raise
+        if event.fd is None:
+            raise ControlError("polling mode (NOFD) is not supported")
+        if self.state.active:
+            self._stop()
+        old = getattr(vring, name)
+        if old >= 0:
+            os.close(old)
+        setattr(vring, name, event.fd)
+
+    def _on_SetVringEnable(self, event, conn) -> None:
+        self._vring(event.index).enabled = event.enable
+
+    def _on_GetVringBase(self, event, conn) -> bytes:
+        vring = self._vring(event.index)
+        if self.state.active:
+            self._stop()
+        return conn.reply_vring_state(event.index, vring.base)
+
+    def _on_ResetDevice(self, event, conn) -> None:
+        self.reset()
+
+    def _on_ResetOwner(self, event, conn) -> None:
+        self.reset()
+
+    # -- config space ------------------------------------------------------------------------
+
+    def _on_GetConfig(self, event, conn) -> bytes:
+        data = self.device.read_config(event.offset, event.size)
+        return conn.reply_config(event.offset, event.size, event.flags,
+                                 data.ljust(event.size, b"\0"))
+
+    def _on_SetConfig(self, event, conn) -> None:
+        self.device.write_config(event.offset, event.data)
+
+    def notify_config_change(self) -> None:
+        """Tell the front-end config space changed (BACKEND_CONFIG_CHANGE_MSG)."""
+        if self.backend_req is None:
+            log.warning("config changed but the front-end gave no backend-request channel")
+            return
+        try:
+            self.backend_req.send(self.backend_sender.config_change_msg(need_reply=False))
+        except OSError as exc:
+            log.warning("cannot send the config change to the front-end: %s", exc)
+
+    # -- activation ------------------------------------------------------------------------------
+
+    def _maybe_activate(self) -> None:
+        names = self.device.queue_names()
+        rings = self.state.vrings[:len(names)]
+        if self.state.active or not self.state.regions \
+                or any(r.kick_fd < 0 or r.call_fd < 0 or r.addr is None for r in rings):
+            return
+        specs = []
+        for ring in rings:
+            config = QueueConfig(ring.num, user_to_guest(self.state.regions, ring.addr.desc),
+                                 user_to_guest(self.state.regions, ring.addr.avail),
+                                 user_to_guest(self.state.regions, ring.addr.used),
+                                 event_idx=bool(self.device.acked_features >> 29 & 1))
+            specs.append(QueueSpec(config, ring.kick_fd, ring.call_fd, ring.base))
+        self.device.activate(list(self.state.regions), specs)
+        self.state.active = True
+        log.info("device active: %d queues, %d MiB of guest memory, worker pid %s",
+                 len(specs), sum(r.size for r in self.state.regions) >> 20,
+                 getattr(self.device.worker, "pid", "?"))
+
+    def _stop(self) -> None:
+        """Stop the worker and remember where each ring stopped (the next base)."""
+        state = self.device.kill()
+        for name, index in zip(self.device.queue_names(), range(MAX_QUEUES)):
+            next_avail = state.get("next_avail", {}).get(name)
+            if next_avail is not None:
+                self.state.vrings[index].base = next_avail
+        self.state.active = False
+
+    def reset(self) -> None:
+        """Back to a freshly connected state; every fd this session holds is closed."""
+        if self.state.active:
+            self.device.kill()
+        self.device.reset()
+        for ring in self.state.vrings:
+            ring.close()
+        self._close_regions()
+        self.state = SessionState()
+
+    def close(self) -> None:
+        self.reset()
+        if self.backend_req is not None:
+            self.backend_req.close()
+            self.backend_req = None
+
+    def _close_regions(self) -> None:
+        for fd in sorted({r.fd for r in self.state.regions}):
+            os.close(fd)
+        self.state.regions = ()
