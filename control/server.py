@@ -70,6 +70,7 @@ class Server:
         self.device: ProxyBalloon | None = None
         self.session: VhostUserSession | None = None
         self.conn: socket.socket | None = None
+        self._backend_req: socket.socket | None = None
         self.codec: vu.BackendConnection | None = None
         self.clients: dict[int, Client] = {}
         self.waiters: list[Waiter] = []
@@ -98,26 +99,42 @@ class Server:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Serve until SIGTERM/SIGINT or ``stop()``; then shut everything down."""
+    def run(self, install_signals: bool = True) -> None:
+        """Serve until SIGTERM/SIGINT or ``stop()``; then shut everything down.
+
+        ``install_signals=False`` runs the loop in a thread other than the main one (where
+        Python cannot install signal handlers), as the tests do.
+        """
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno())
-        old_handlers = {sig: signal.signal(sig, self._on_signal)
-                        for sig in (signal.SIGTERM, signal.SIGINT)}
+        restore = self._install_signals() if install_signals else (lambda: None)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         log.info("vhost-user socket %s, control socket %s: ready",
                  self.options.socket_path, self.options.control_path)
         try:
             while self.running:
-                for key, _ in self.selector.select(TICK if self.waiters else None):
-                    key.data(key.fileobj)
+                self._dispatch(self.selector.select(TICK if self.waiters else None))
                 self._check_waiters()
         finally:
-            signal.set_wakeup_fd(old_wakeup)
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
+            restore()
             self.shutdown()
+
+    def _dispatch(self, events: list) -> None:
+        for key, _ in events:
+            # A handler earlier in this batch may have closed this fd (and the number may
+            # even be reused): only call handlers still registered under the same key.
+            if self.selector.get_map().get(key.fd) is key:
+                key.data(key.fileobj)
+
+    def _install_signals(self):
+        old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno())
+        old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def restore() -> None:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        return restore
 
     def _on_signal(self, signum: int, frame: object) -> None:
         log.info("%s: shutting down", signal.Signals(signum).name)
@@ -197,9 +214,11 @@ class Server:
 
     def _watch_backend_req(self) -> None:
         sock = self.session.backend_req if self.session else None
-        if sock is not None and sock not in self.selector.get_map().values() and \
-                not any(k.fileobj is sock for k in self.selector.get_map().values()):
+        if sock is not None and sock is not self._backend_req:
+            if self._backend_req is not None:
+                self.selector.unregister(self._backend_req)
             self.selector.register(sock, selectors.EVENT_READ, self._on_backend_req)
+            self._backend_req = sock
 
     def _on_backend_req(self, sock: socket.socket) -> None:
         # We never ask for replies on this channel; anything read is discarded, bounded.
@@ -211,14 +230,16 @@ class Server:
             data = b""
         if not data:
             self.selector.unregister(sock)
+            self._backend_req = None
 
     def _drop_frontend(self, why: str) -> None:
         if self.conn is None:
             return
         log.info("%s: resetting the device", why)
-        for key in list(self.selector.get_map().values()):
-            if key.fileobj is self.conn or (self.session and key.fileobj is self.session.backend_req):
-                self.selector.unregister(key.fileobj)
+        self.selector.unregister(self.conn)
+        if self._backend_req is not None:
+            self.selector.unregister(self._backend_req)
+            self._backend_req = None
         self.session.close()
         self.codec.close()
         self.conn.close()

@@ -1,0 +1,64 @@
+"""``vballoon serve`` end to end with a Python vhost-user front-end and the fake driver."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from control import vhost_user as vu
+from control.client import ControlClient
+from control.errors import RequestError
+from control.proxy import ProxyOptions
+from control.server import ServeOptions
+from device.balloon import BalloonOptions
+from device.config import ACTUAL_OFFSET
+from tests.driver import MIB, PAGE, BalloonDriver, GuestRam, wait_for
+from tests.frontend import Frontend, ServerThread
+
+
+@pytest.fixture(params=[False, True], ids=["thread", "jailed"])
+def served(request, tmp_path, ram):
+    options = ServeOptions(str(tmp_path / "vhost.sock"), str(tmp_path / "control.sock"),
+                           BalloonOptions(), ProxyOptions(jail=request.param))
+    server = ServerThread(options)
+    frontend = Frontend(options.socket_path)
+    features = BalloonOptions().features()
+    driver = BalloonDriver(ram, ("inflate", "deflate", "stats"), features,
+                           write_config=frontend.write_config)
+    frontend.setup(ram, driver, features)
+    yield server, frontend, driver, options
+    frontend.close()
+    server.stop()
+    driver.close()
+
+
+def test_operator_target_reaches_the_guest_and_memory_is_freed(ram, served):
+    server, frontend, driver, options = served
+    ram.populate()
+    with ControlClient(options.control_path) as client:
+        status = client.request("set", size=8 * MIB)
+        assert status["target_bytes"] == 8 * MIB
+        wait_for(lambda: frontend.pending_config_changes() == 1, what="config change")
+        target = frontend.num_pages()
+        assert target == 8 * MIB // PAGE
+        driver.inflate(target)
+        assert ram.host_bytes() == ram.size - 8 * MIB
+        reply = client.request("wait", timeout=5.0)
+        assert reply["outcome"] == "settled"
+        assert reply["actual_bytes"] == 8 * MIB
+        status = client.request("status")
+        assert status["state"] == "active"
+        assert "STATS_VQ" in status["features"]
+
+
+def test_control_socket_is_owner_only(served):
+    _, _, _, options = served
+    assert os.stat(options.control_path).st_mode & 0o777 == 0o600
+
+
+def test_bad_config_write_is_refused_and_changes_nothing(served):
+    _, frontend, _, _ = served
+    assert not frontend.ack(vu.SetConfig(0, b"\1\0\0\0", need_reply=True))
+    assert frontend.num_pages() == 0
