@@ -131,8 +131,7 @@ def _wait(client: ControlClient, timeout: float, stall: float) -> int:
     tty = sys.stdout.isatty()
     while True:
         left = deadline - time.monotonic()
-        reply = client.request("wait", timeout=min(0.25, max(0.0, left)) + 5,
-                               **{"timeout": min(0.25, max(0.0, left)), "stall": stall})
+        reply = client.request("wait", timeout=min(0.25, max(0.0, left)), stall=stall)
         outcome = reply["outcome"]
         bar = _bar(reply["actual_bytes"], reply["target_bytes"], reply.get("guest_memory_bytes"))
         if tty:

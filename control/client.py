@@ -44,11 +44,16 @@ class ControlClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def request(self, cmd: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
+    def request(self, cmd: str, /, **args: Any) -> dict[str, Any]:
+        """Send ``{"cmd": cmd, **args}`` and return the reply's fields (without id and ok).
+
+        The answer may take ``self.timeout`` seconds, plus a ``wait`` request's own timeout.
+        """
         ident = self._next_id
         self._next_id += 1
         self.sock.sendall(encode_frame({"id": ident, "cmd": cmd, **args}))
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        budget = args.get("timeout", 0) if cmd == "wait" else 0
+        deadline = time.monotonic() + self.timeout + (budget if type(budget) in (int, float) else 0)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -70,6 +70,7 @@ class Server:
         self.device: ProxyBalloon | None = None
         self.session: VhostUserSession | None = None
         self.conn: socket.socket | None = None
+        self.connections = 0            # front-ends served so far
         self._backend_req: socket.socket | None = None
         self.codec: vu.BackendConnection | None = None
         self.clients: dict[int, Client] = {}
@@ -179,6 +180,7 @@ class Server:
             return
         conn.setblocking(True)
         self.conn = conn
+        self.connections += 1
         self.codec = vu.BackendConnection(max_queues=MAX_QUEUES)
         self.device = ProxyBalloon(self.options.balloon, self.options.proxy)
         self.session = VhostUserSession(self.device)

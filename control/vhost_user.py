@@ -36,8 +36,9 @@ How the I/O layer drives a BackendConnection
 
     conn = BackendConnection(max_queues=N)
     while True:
-        data, fds, msg_flags, _ = socket.recv_fds(
-            sock, RECV_SIZE, MAX_FDS_PER_MESSAGE, socket.MSG_CMSG_CLOEXEC)
+        data, ancdata, msg_flags, _ = sock.recvmsg(
+            RECV_SIZE, ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC)
+        fds = fds_from_ancillary(ancdata)
         if not data:
             conn.receive_eof()
         else:
@@ -47,11 +48,13 @@ How the I/O layer drives a BackendConnection
             if event.reply_expected:
                 sock.sendall(conn.reply_...(...))
 
-- Read at most :data:`RECV_SIZE` bytes and :data:`MAX_FDS_PER_MESSAGE` fds per call (the
-  ancillary buffer is then bounded too). ``MSG_CMSG_CLOEXEC`` keeps received fds out of any
-  child we fork unless it is given them on purpose. If the kernel reports ``MSG_CTRUNC`` the
-  peer sent more fds than any message may carry; the kernel dropped the excess, and
-  ``fds_truncated=True`` makes the codec refuse the message they belong to.
+- Read at most :data:`RECV_SIZE` bytes and :data:`MAX_FDS_PER_MESSAGE` fds per call
+  (:data:`ANCILLARY_SIZE` bounds the ancillary buffer). ``MSG_CMSG_CLOEXEC`` keeps received
+  fds out of any child we fork unless it is given them on purpose. Call ``sock.recvmsg``
+  itself: Python 3.11's ``socket.recv_fds`` accepts ``flags`` but never passes them on
+  (CPython gh-128881), so the fds would arrive inheritable. If the kernel reports
+  ``MSG_CTRUNC`` the peer sent more fds than any message may carry; the kernel dropped the
+  excess, and ``fds_truncated=True`` makes the codec refuse the message they belong to.
 - Drain :meth:`BackendConnection.events` after every ``receive_data``. The buffers are bounded
   (:class:`ReceiveBufferFull` if not drained), so must the caller's loop be.
 - **Which message owns which fds.** On a SOCK_STREAM unix socket the fds sent with a message
@@ -86,8 +89,10 @@ Local/RemoteProtocolError):
   our back-end sent a malformed message (:class:`BadBackendMessage`).
 """
 
+import array
 import enum
 import os
+import socket
 import struct
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -124,6 +129,8 @@ MAX_PAYLOAD_SIZE = 4096
 MAX_FDS_PER_MESSAGE = VHOST_MEMORY_BASELINE_NREGIONS
 #: Suggested ``recvmsg`` size: one whole message of the largest accepted size.
 RECV_SIZE = VHOST_USER_HDR_SIZE + MAX_PAYLOAD_SIZE
+#: ``recvmsg`` ancillary buffer size for MAX_FDS_PER_MESSAGE fds (no room for more).
+ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 #: Default bound on buffered, not yet parsed bytes (the caller drains between receives).
 DEFAULT_MAX_BUFFER_SIZE = 64 * 1024
 #: Default bound on fds held for messages not yet complete; surplus fds are closed on arrival.
@@ -444,6 +451,17 @@ def encode_message(
     return _pack(_HEADER, request, flags, len(payload) if size is None else size) + payload
 
 
+def fds_from_ancillary(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
+    """The fds in ``recvmsg``'s ancillary data (SCM_RIGHTS), in order; other control
+    messages are ignored. Pure: it parses, it does not close anything."""
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            # A cut-off trailing int cannot be an fd the kernel installed: drop it.
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return list(fds)
+
+
 def _close_all(fds: Sequence[int]) -> None:
     """Close every fd, even if one fails; then re-raise the first failure.
 
@@ -704,8 +722,8 @@ class MemRegion:
 
 def _decode_region(values: Sequence[int]) -> MemRegion:
     region = MemRegion(*values)
-    ends = (region.guest_phys_addr, region.userspace_addr, region.mmap_offset)
-    if region.memory_size == 0 or any(start + region.memory_size > _U64_LIMIT for start in ends):
+    starts = (region.guest_phys_addr, region.userspace_addr, region.mmap_offset)
+    if region.memory_size == 0 or any(start + region.memory_size > _U64_LIMIT for start in starts):
         raise BadMemRegion(f"{region}")
     return region
 
@@ -1124,6 +1142,11 @@ class RejectedRequest:
 @dataclass(frozen=True)
 class ConnectionClosed:
     """The peer ended the stream at a message boundary."""
+
+    @property
+    def reply_expected(self) -> bool:
+        """Always False: lets a loop ask every BackendEvent the same question."""
+        return False
 
 
 class NeedData(enum.Enum):

@@ -1,0 +1,231 @@
+"""vballoon against a real Linux guest: User-Mode Linux and its own virtio_balloon driver.
+
+Each test boots a guest (about 0.3 s) against ``vballoon serve`` and checks what a user of
+the guest and of the host would see: the guest's MemFree, ``actual``, and the host memory
+behind guest RAM (the RAM file UML passes in SET_MEM_TABLE).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+import pytest
+
+from control.client import ControlClient
+from control.proxy import ProxyOptions
+from control.server import ServeOptions
+from device.balloon import BalloonOptions
+from guest.uml import DEFAULT_IMAGE_DIR, GuestConfig, UmlGuest
+from tests.driver import MIB, wait_for
+from tests.frontend import ServerThread
+
+pytestmark = [
+    pytest.mark.guest,
+    pytest.mark.skipif(not (DEFAULT_IMAGE_DIR / ".ready").exists(),
+                       reason="no guest image: run `make guest` (make test does)"),
+]
+
+GUEST_MIB = 256
+JAIL = os.environ.get("VBALLOON_TEST_JAIL", "1") != "0"
+
+
+@dataclass
+class Rig:
+    server: ServerThread
+    guest: UmlGuest
+    control: ControlClient
+    options: ServeOptions
+
+    def device(self):
+        return self.server.server.device
+
+    def set(self, size: int) -> dict:
+        self.control.request("set", size=size)
+        return self.control.request("wait", timeout=30.0, stall=5.0)
+
+    def mem_free_mib(self) -> float:
+        return self.guest.meminfo()["MemFree"] / 1024
+
+
+def start_rig(tmp_path, balloon: BalloonOptions = BalloonOptions(), name: str = "a") -> Rig:
+    options = ServeOptions(str(tmp_path / f"vhost-{name}.sock"), str(tmp_path / f"ctl-{name}.sock"),
+                           balloon, ProxyOptions(jail=JAIL))
+    server = ServerThread(options)
+    guest = UmlGuest(GuestConfig(mem_mib=GUEST_MIB, vhost_socket=options.socket_path))
+    guest.start()
+    guest.wait_ready()
+    assert guest.balloon_state in ("loaded", "builtin")
+    wait_for(lambda: server.server.device is not None and server.server.device.state == "active",
+             what="the device to be activated")
+    return Rig(server, guest, ControlClient(options.control_path), options)
+
+
+def stop_rig(rig: Rig) -> None:
+    rig.control.close()
+    rig.guest.stop()
+    rig.server.stop()
+
+
+@pytest.fixture
+def rig(tmp_path):
+    rig = start_rig(tmp_path)
+    yield rig
+    stop_rig(rig)
+
+
+def half_guest(rig: Rig) -> int:
+    return rig.control.request("status")["guest_memory_bytes"] // 2 // MIB * MIB
+
+
+def test_inflate_to_half_frees_host_memory_and_deflate_gives_it_back(rig):
+    rig.guest.fill_memory(180)                     # the guest dirties most of its RAM
+    rig.guest.free_memory()
+    host_before = rig.guest.host_ram_bytes()
+    free_before = rig.mem_free_mib()
+    target = half_guest(rig)
+
+    result = rig.set(target)
+    assert (result["outcome"], result["actual_bytes"]) == ("settled", target)
+    freed = host_before - rig.guest.host_ram_bytes()
+    assert freed >= 0.9 * target, f"host freed {freed / MIB:.0f} MiB of {target / MIB:.0f}"
+    drop = free_before - rig.mem_free_mib()
+    assert abs(drop - target / MIB) < 0.1 * target / MIB, f"guest MemFree dropped {drop:.0f} MiB"
+
+    result = rig.set(0)
+    assert (result["outcome"], result["actual_bytes"]) == ("settled", 0)
+    assert rig.mem_free_mib() > free_before - 0.05 * target / MIB
+    rig.guest.fill_memory(150)                     # and the guest can use it again
+    rig.guest.free_memory()
+
+
+def test_stats_arrive_and_refresh(tmp_path):
+    rig = start_rig(tmp_path, BalloonOptions(stats_interval=0.2))
+    try:
+        first = wait_for(lambda: rig.control.request("stats")["updated_at"], what="stats")
+        stats = rig.control.request("stats")
+        assert stats["total_memory"] > 200 * MIB
+        assert 0 < stats["free_memory"] <= stats["total_memory"]
+        wait_for(lambda: rig.control.request("stats")["updated_at"] > first, what="a refresh")
+        rig.guest.fill_memory(100)
+        wait_for(lambda: rig.control.request("stats")["free_memory"] < stats["free_memory"] - 80 * MIB,
+                 what="stats to show the guest's new usage")
+    finally:
+        stop_rig(rig)
+
+
+def test_free_page_reporting_frees_host_memory(tmp_path):
+    rig = start_rig(tmp_path, BalloonOptions(free_page_reporting=True))
+    try:
+        rig.guest.fill_memory(150)
+        before = rig.guest.host_ram_bytes()
+        rig.guest.free_memory()
+        wait_for(lambda: before - rig.guest.host_ram_bytes() > 100 * MIB, timeout=20,
+                 what="reported free pages to be released on the host")
+        assert "PAGE_REPORTING" in rig.control.request("status")["features"]
+    finally:
+        stop_rig(rig)
+
+
+def test_deflate_on_oom_lets_the_guest_take_pages_back(tmp_path):
+    rig = start_rig(tmp_path, BalloonOptions(deflate_on_oom=True))
+    try:
+        target = 160 * MIB
+        assert rig.set(target)["outcome"] == "settled"
+        # More than is left outside the balloon: only deflating it makes room.
+        rig.guest.fill_memory(140, timeout=60)
+        status = rig.control.request("status")
+        assert status["actual_bytes"] < target
+        assert "DEFLATE_ON_OOM" in status["features"]
+    finally:
+        stop_rig(rig)
+
+
+@pytest.mark.skipif(not JAIL, reason="a worker thread cannot be SIGKILLed alone")
+def test_worker_killed_mid_inflation_is_replaced_unnoticed(rig):
+    rig.guest.fill_memory(150)
+    rig.guest.free_memory()
+    host_before = rig.guest.host_ram_bytes()
+    device = rig.device()
+    target = half_guest(rig)
+    rig.control.request("set", size=target)
+    killed = set()
+    for _ in range(3):
+        pid = wait_for(lambda: device.worker and device.state == "active" and device.worker.pid
+                       not in killed and device.worker.pid, what="a live worker")
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+    result = rig.control.request("wait", timeout=30.0, stall=10.0)
+    assert (result["outcome"], result["actual_bytes"]) == ("settled", target)
+    status = rig.control.request("status")
+    assert status["worker_restarts"] >= 3 and status["state"] == "active"
+    assert status["worker_pid"] not in killed
+    assert "killed by signal SIGKILL" in (status["last_worker_exit"] or "")
+    assert host_before - rig.guest.host_ram_bytes() >= 0.9 * target
+    assert rig.guest.run("echo alive").strip() == "alive"          # the guest never noticed
+    assert rig.set(0)["outcome"] == "settled"
+
+
+def test_guest_rebinds_the_device_and_a_second_guest_connects(tmp_path):
+    rig = start_rig(tmp_path)
+    try:
+        assert rig.set(32 * MIB)["outcome"] == "settled"
+        assert rig.set(0)["outcome"] == "settled"
+        rig.guest.run("echo virtio-uml.0 > /sys/bus/platform/drivers/virtio-uml/unbind")
+        rig.guest.run("echo virtio-uml.0 > /sys/bus/platform/drivers/virtio-uml/bind")
+        # UML drops the connection on unbind and connects anew on bind: a fresh device.
+        wait_for(lambda: rig.server.server.connections == 2 and rig.device() is not None
+                 and rig.device().state == "active", what="the device re-activated")
+        assert rig.set(16 * MIB)["outcome"] == "settled"
+        rig.guest.stop()
+        wait_for(lambda: rig.control.request("status")["state"] == "waiting",
+                 what="the server to see the guest gone")
+        second = UmlGuest(GuestConfig(mem_mib=GUEST_MIB, vhost_socket=rig.options.socket_path))
+        second.start()
+        try:
+            second.wait_ready()
+            wait_for(lambda: rig.device() is not None and rig.device().state == "active",
+                     what="the second guest's device")
+            assert rig.set(16 * MIB)["outcome"] == "settled"
+        finally:
+            second.stop()
+    finally:
+        stop_rig(rig)
+
+
+@pytest.mark.skipif(not JAIL, reason="only a jailed worker has a jail to inspect")
+def test_live_worker_holds_exactly_its_fds_and_is_jailed(rig):
+    device = rig.device()
+    session = rig.server.server.session
+    pid = device.worker.pid
+    expected = {_inode(f"/proc/self/fd/{fd}") for fd in
+                [r.fd for r in session.state.regions]
+                + [v.kick_fd for v in session.state.vrings[:3]]
+                + [v.call_fd for v in session.state.vrings[:3]]}
+    held = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{name}"
+        held[int(name)] = (_inode(path), os.readlink(path))
+    others = {fd: link for fd, (inode, link) in held.items() if inode not in expected}
+    assert {inode for inode, _ in held.values()} >= expected
+    sockets = [fd for fd, link in others.items() if link.startswith("socket:")]
+    assert len(sockets) == 1, f"unexpected fds: {others}"                 # the command socket
+    assert {fd: link for fd, link in others.items() if fd not in sockets} == \
+        {fd: "/dev/null" for fd in (0, 1, 2) if fd in others}
+    status = _status(pid)
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+    for cap in ("CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"):
+        assert int(status[cap], 16) == 0
+    for ns in ("pid", "net", "mnt", "ipc", "uts"):
+        assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
+
+
+def _inode(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
