@@ -189,8 +189,11 @@ class Server:
 
     def _on_frontend(self, conn: socket.socket) -> None:
         try:
-            data, fds, flags, _ = socket.recv_fds(conn, vu.RECV_SIZE, vu.MAX_FDS_PER_MESSAGE,
-                                                   socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+            # recvmsg, not socket.recv_fds: on 3.11 recv_fds drops its flags, and the fds
+            # must arrive close-on-exec so no child inherits them unless given on purpose.
+            data, ancillary, flags, _ = conn.recvmsg(
+                vu.RECV_SIZE, vu.ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+            fds = vu.fds_from_ancillary(ancillary)
         except BlockingIOError:
             return
         except OSError as exc:
