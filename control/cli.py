@@ -122,10 +122,10 @@ def _set(client: ControlClient, args: argparse.Namespace) -> int:
     print(f"target {human(status['target_bytes'])}")
     if not args.wait:
         return 0
-    return _wait(client, args.timeout, args.stall)
+    return _wait(client, args.timeout, args.stall, scale=status["actual_bytes"])
 
 
-def _wait(client: ControlClient, timeout: float, stall: float) -> int:
+def _wait(client: ControlClient, timeout: float, stall: float, scale: int = 0) -> int:
     """Draw actual vs target until settled; 1 on timeout or a stalled guest."""
     deadline = time.monotonic() + timeout
     tty = sys.stdout.isatty()
@@ -133,7 +133,9 @@ def _wait(client: ControlClient, timeout: float, stall: float) -> int:
         left = deadline - time.monotonic()
         reply = client.request("wait", timeout=min(0.25, max(0.0, left)), stall=stall)
         outcome = reply["outcome"]
-        bar = _bar(reply["actual_bytes"], reply["target_bytes"], reply.get("guest_memory_bytes"))
+        scale = max(scale, reply["actual_bytes"], reply["target_bytes"])
+        bar = _bar(reply["actual_bytes"], reply["target_bytes"], scale,
+                   reply.get("guest_memory_bytes"))
         if tty:
             print(f"\r{bar}", end="", flush=True)
         if outcome == "timeout" and time.monotonic() < deadline:
@@ -152,9 +154,9 @@ def _wait(client: ControlClient, timeout: float, stall: float) -> int:
         return 1
 
 
-def _bar(actual: int, target: int, total: int | None, width: int = 30) -> str:
-    scale = max(target, actual, 1)
-    done = min(width, round(width * actual / scale))
+def _bar(actual: int, target: int, scale: int, total: int | None, width: int = 30) -> str:
+    """A text bar of ``actual`` out of ``scale`` (the largest size seen while waiting)."""
+    done = min(width, round(width * actual / max(scale, 1)))
     return (f"[{'#' * done}{'.' * (width - done)}] balloon {human(actual)} of "
             f"{human(target)} target" + (f" (guest has {human(total)})" if total else ""))
 

@@ -53,7 +53,7 @@ def wait_for_server(control: str, server: subprocess.Popen, timeout: float = 10.
 def main() -> int:
     run = Path(tempfile.mkdtemp(prefix="vballoon-demo-"))
     vhost, control = str(run / "vhost.sock"), str(run / "control.sock")
-    step(f"Start the device: vballoon serve (its worker will run jailed)")
+    step("Start the device: vballoon serve (its worker will run jailed)")
     server = subprocess.Popen([str(VBALLOON), "serve", "--socket", vhost, "--control", control,
                                "--stats-interval", "1", "--log-level", "warning"])
     guest = None
@@ -82,6 +82,7 @@ def main() -> int:
         say(f"host memory given back: {freed / MIB:.0f} MiB of {half} MiB ballooned")
 
         step("The guest's statistics, as the device received them")
+        fresh_stats(control)
         vballoon("stats", "--control", control)
 
         step("Deflate: the guest gets its memory back")
@@ -98,6 +99,17 @@ def main() -> int:
         server.send_signal(signal.SIGTERM)
         say(f"vballoon serve exited with {server.wait(10)}")
     return 0
+
+
+def fresh_stats(control: str, timeout: float = 5.0) -> None:
+    """Ask the guest for new statistics and wait (bounded) until they have arrived."""
+    with ControlClient(control) as client:
+        before = client.request("stats", refresh=True)["updated_at"] or 0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (client.request("stats")["updated_at"] or 0) > before:
+                return
+            time.sleep(0.02)      # polling with a deadline, not synchronisation
 
 
 def show(guest: UmlGuest, when: str) -> None:
