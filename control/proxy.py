@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from control.errors import RequestError, WorkerError, WorkerFailed
 from control.workers import WorkerHandle, spawn_worker
@@ -50,6 +51,7 @@ IDLE, ACTIVE, RESTARTING, FAILED = "idle", "active", "restarting", "failed"
 class ProxyOptions:
     jail: bool = True                 # False: the worker runs in a thread (debug, benchmarks)
     seccomp_mode: str = "kill"        # "kill" or "log"
+    policy: Path | None = None        # None: the device's own (device/balloon.policy)
     max_restarts: int = 5             # within restart_window seconds
     restart_window: float = 30.0
     request_timeout: float = 5.0
@@ -281,8 +283,10 @@ class ProxyBalloon:
         while self.worker is not None:
             worker, sock = self.worker, self._sock
             ready = select.select([worker.exit_fd(), sock], [], [], 0.5)[0]
-            if sock in ready:
-                self._read_worker(sock)
+            if sock in ready and not self._read_worker(sock):
+                # The socket closed: the worker is ending; its exit is what to wait for.
+                ready = select.select([worker.exit_fd()], [], [], self.proxy.kill_grace)[0] \
+                    or [worker.exit_fd()]
             if worker.exit_fd() in ready:
                 # Read what the worker said before it ended: its last replies and events.
                 while select.select([sock], [], [], 0)[0] and self._read_worker(sock):
@@ -314,11 +318,12 @@ class ProxyBalloon:
         while not pending.done.is_set():
             left = deadline - time.monotonic()
             ready = select.select([parent_end, worker.exit_fd()], [], [], max(0.0, left))[0]
-            if parent_end in ready:
-                self._read_worker(parent_end)
-            elif ready or left <= 0:
-                why = worker.describe_exit() if ready else "no answer in time"
+            if parent_end in ready and self._read_worker(parent_end):
+                continue
+            if ready or left <= 0:          # the socket closed, the worker ended, or time
                 self._end_worker()
+                why = worker.describe_exit() if ready else "no answer in time"
+                self._pending.pop(ident, None)
                 raise WorkerError(f"the worker failed to activate: {why}")
         if not pending.reply.get("ok"):
             self._end_worker()
