@@ -64,4 +64,5 @@ def spawn_worker(command: socket.socket, keep_fds: list[int], options) -> Worker
     if not options.jail:
         return ThreadWorker(command)
     from control.jailed import spawn_jailed_worker
-    return spawn_jailed_worker(command.fileno(), keep_fds, SECCOMP_POLICY, options.seccomp_mode)
+    return spawn_jailed_worker(command.fileno(), keep_fds, options.policy or SECCOMP_POLICY,
+                               options.seccomp_mode)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 
 import pytest
 
 from control.errors import RequestError, WorkerError
 from control.proxy import ACTIVE, FAILED, ProxyBalloon, ProxyOptions
-from device.balloon import BalloonOptions
+from device.balloon import SECCOMP_POLICY, BalloonOptions
 from device.stats import VIRTIO_BALLOON_S_MEMFREE
-from tests.driver import MIB, PAGE, BalloonDriver, wait_for
+from tests.driver import MIB, PAGE, BalloonDriver, GuestRam, wait_for
 
 MODES = [pytest.param(False, id="thread"), pytest.param(True, id="jailed")]
 
@@ -85,3 +86,106 @@ def test_kill_returns_state(proxied):
     state = proxy.kill()
     assert state["next_avail"]["inflate"] == 1
     assert proxy.worker is None
+
+
+# -- supervision (jailed workers only: a thread cannot be killed alone) -------------------
+
+@pytest.fixture
+def jailed(ram):
+    proxy, driver = make_proxy(ram, True)
+    proxy.activate([ram.region()], driver.specs())
+    yield proxy, driver
+    proxy.reset()
+    driver.close()
+
+
+def test_kill_9_mid_inflation_loses_nothing(ram, jailed):
+    """SIGKILL the worker while buffers are in flight: the inflation completes, every buffer
+    comes back exactly once, actual reaches the target, and the restart is counted."""
+    proxy, driver = jailed
+    ram.populate()
+    pages = 32 * MIB // PAGE
+    proxy.set_target_pages(pages)
+    inflate = driver.queues["inflate"]
+    pfns = driver.take_pages(pages)
+    chunks = [pfns[i:i + 256] for i in range(0, pages, 256)]
+    heads = []
+    for k, chunk in enumerate(chunks[:64]):            # 64 buffers in flight at once
+        addr = inflate.scratch + k * 1024
+        ram.map[addr:addr + 1024] = b"".join(p.to_bytes(4, "little") for p in chunk)
+        heads.append(inflate.add([(addr, 1024)]))
+    victim = proxy.worker.pid
+    inflate.kick()
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: proxy.restarts == 1 and proxy.state == ACTIVE, what="a replacement worker")
+    inflate.kick()
+    used = driver.wait_used("inflate", 64)
+    assert sorted(head for head, _ in used) == sorted(heads)          # each exactly once
+    assert inflate.take_used() == []
+    driver.balloon += pfns
+    driver.set_actual(pages)
+    assert proxy.wait_settled(timeout=1).outcome == "settled"
+    assert ram.host_bytes() == ram.size - 32 * MIB
+    assert proxy.worker.pid != victim
+    assert "SIGKILL" in proxy.last_exit
+
+
+def test_worker_that_dies_on_every_start_is_reported_failed(ram, tmp_path):
+    # A policy without poll(): the worker is killed by seccomp as soon as it waits.
+    policy = tmp_path / "no-poll.policy"
+    policy.write_text("".join(line + "\n" for line in
+                      (SECCOMP_POLICY.read_text().splitlines())
+                      if not line.startswith("poll")))
+    proxy, driver = make_proxy(ram, True, policy=policy, max_restarts=3, restart_window=60)
+    with pytest.raises(WorkerError):
+        proxy.activate([ram.region()], driver.specs())
+    assert proxy.worker is None
+    driver.close()
+
+
+def test_worker_dying_repeatedly_after_start_ends_failed(ram, jailed):
+    proxy, driver = jailed
+    proxy.proxy = ProxyOptions(jail=True, max_restarts=2, restart_window=60)
+    for _ in range(3):
+        pid = wait_for(lambda: proxy.worker is not None and proxy.state == ACTIVE
+                       and proxy.worker.pid, what="a worker")
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: proxy.worker is None or proxy.worker.pid != pid or proxy.state == FAILED,
+                 what="the supervisor to notice")
+    wait_for(lambda: proxy.state == FAILED, what="the failed state")
+    assert proxy.restarts == 2
+    assert "SIGKILL" in proxy.last_exit
+
+
+def test_worker_dies_with_its_parent(tmp_path):
+    """SIGKILL the process that owns the proxy: its jailed worker is gone within a second."""
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(report_r)
+            ram = GuestRam(8 * MIB)
+            proxy, _ = make_proxy(ram, True)
+            driver = BalloonDriver(ram, proxy.queue_names(), proxy.acked_features,
+                                   write_config=proxy.write_config)
+            proxy.activate([ram.region()], driver.specs())
+            os.write(report_w, str(proxy.worker.pid).encode())
+            select.select([], [], [], 30)
+        finally:
+            os._exit(0)
+    os.close(report_w)
+    ready = select.select([report_r], [], [], 10)[0]
+    assert ready, "the intermediate parent did not start its worker"
+    worker = int(os.read(report_r, 32))
+    os.close(report_r)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    wait_for(lambda: not _alive(worker), timeout=1.0, what="the worker to die with its parent")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,64 @@
+"""The worker in a jailed child: the glue between the proxy and ``sandbox.jail``.
+
+This is the one place where the device's declarations (its worker entry point and its
+seccomp policy file) meet the jail, the way crosvm wires a device into a ``ProxyDevice``.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from control.errors import WorkerError
+from device.worker import run_worker
+from sandbox.errors import JailError, WaitTimeout
+from sandbox.jail import JailConfig, JailedChild, spawn
+from sandbox.policy import Policy
+
+WORKER_NAME = "vballoon-worker"
+
+
+@functools.lru_cache(maxsize=4)
+def load_policy(path: Path) -> Policy:
+    """Parse a policy file once per process (it does not change while we run)."""
+    return Policy.from_file(path)
+
+
+class JailedWorker:
+    """A ``WorkerHandle`` over a ``JailedChild``."""
+
+    def __init__(self, child: JailedChild) -> None:
+        self.child = child
+        self.pid = child.pid
+
+    def exit_fd(self) -> int:
+        return self.child.fileno()
+
+    def stop(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for the worker to end, then SIGKILL it; reap it."""
+        if self.child.poll() is None:
+            try:
+                self.child.wait(grace)
+            except WaitTimeout:
+                self.child.kill()
+                self.child.wait(5.0)
+        self.child.close()
+
+    def describe_exit(self) -> str:
+        status = self.child.poll()
+        return "still running" if status is None else status.describe()
+
+    def denials(self) -> dict[str, int]:
+        """Syscalls the policy would have denied (``--seccomp log`` only), by name."""
+        return self.child.denials()
+
+
+def spawn_jailed_worker(command_fd: int, keep_fds: list[int], policy_path: Path,
+                        seccomp_mode: str) -> JailedWorker:
+    """Fork a jailed worker serving ``command_fd``; raises ``WorkerError`` if the jail fails."""
+    try:
+        config = JailConfig(keep_fds=keep_fds, name=WORKER_NAME,
+                            seccomp=load_policy(policy_path), seccomp_mode=seccomp_mode)
+        return JailedWorker(spawn(lambda: run_worker(command_fd), config))
+    except JailError as exc:
+        raise WorkerError(f"cannot start the jailed worker: {exc}") from exc
