@@ -19,6 +19,7 @@ setup it runs only in the worker.
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 import time
@@ -241,8 +242,7 @@ class BalloonQueues:
         for desc in chain.readable:
             if desc.length % PFN_SIZE:
                 raise BadBufferLayout(f"PFN buffer of {desc.length} bytes is not whole le32s")
-            count = desc.length // PFN_SIZE
-            pfns = self.memory.unpack_from(struct.Struct(f"<{count}I"), desc.addr)
+            pfns = self.memory.unpack_from(_pfn_array(desc.length // PFN_SIZE), desc.addr)
             ranges.extend(compact_pfns(pfns))
         return ranges
 
@@ -336,6 +336,12 @@ class BalloonQueues:
     def next_avail(self) -> dict[str, int]:
         """Each queue's next avail index, what vhost-user's GET_VRING_BASE reports."""
         return {name: q.next_avail for name, q in self.queues.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _pfn_array(count: int) -> struct.Struct:
+    """The layout of ``count`` le32 PFNs (cached: nearly every buffer holds 256)."""
+    return struct.Struct(f"<{count}I")
 
 
 def build_queues(memory: GuestMemory, features: int, specs: list[QueueSpec]) -> dict[str, SplitQueue]:
