@@ -54,6 +54,9 @@ PAGE_SIZE = SMALL_PAGE          # the balloon's page unit (VIRTIO_BALLOON_PFN_SH
 PFN_SIZE = 4                    # each PFN is an le32
 QUEUE_SIZE = 128                # what the device advertises as the maximum queue size
 MAX_REPORT_DESCRIPTORS = 64
+# Linux sends 256 PFNs (1 KiB) per buffer. A much larger one is refused rather than
+# unpacked: a guest could otherwise make the worker build a list of millions of ints.
+MAX_PFN_BUFFER = 64 * 1024
 
 INFLATE_QUEUE = "inflate"
 DEFLATE_QUEUE = "deflate"
@@ -238,6 +241,9 @@ class BalloonQueues:
     def _pfn_ranges(self, chain: DescriptorChain) -> list[tuple[int, int]]:
         if chain.writable or not chain.readable:
             raise BadBufferLayout("a PFN buffer must be device-readable only")
+        if chain.readable_length > MAX_PFN_BUFFER:
+            raise BadBufferLayout(f"PFN buffer of {chain.readable_length} bytes exceeds "
+                                  f"{MAX_PFN_BUFFER}")
         ranges: list[tuple[int, int]] = []
         for desc in chain.readable:
             if desc.length % PFN_SIZE:

@@ -192,3 +192,14 @@ def test_readable_after_writable_is_refused(ram, inprocess):
     driver.kick(INFLATE_QUEUE)
     driver.wait_used(INFLATE_QUEUE, 1)
     assert seen == [("inflate", "BadChain")]
+
+
+def test_huge_pfn_buffer_is_refused_not_unpacked(ram, inprocess):
+    balloon, driver = inprocess
+    seen = errors_of(balloon)
+    queue = driver.queues[INFLATE_QUEUE]
+    queue.add([(8 * MIB, 32 * MIB)])                  # 8 million "PFNs"
+    driver.kick(INFLATE_QUEUE)
+    assert driver.wait_used(INFLATE_QUEUE, 1)[0][1] == 0
+    assert seen == [("inflate", "BadBufferLayout")]
+    assert balloon.queues.counters.inflated_pages == 0
