@@ -34,7 +34,7 @@ from device.memory import SMALL_PAGE, GuestMemory, MemoryRegion
 from device.notify import signal_fd
 from device.pfn import compact_pfns
 from device.release import PageReleaser
-from device.stats import StatsSnapshot, parse_stats
+from device.stats import MAX_STATS_BUFFER, StatsSnapshot, parse_stats
 from device.virtqueue import BadChain, DescriptorChain, QueueConfig, SplitQueue
 
 log = logging.getLogger("vballoon.device")
@@ -286,6 +286,8 @@ class BalloonQueues:
         try:
             if chain.writable:
                 raise BadBufferLayout("the stats buffer must be device-readable")
+            if chain.readable_length > MAX_STATS_BUFFER:   # checked before reading it
+                raise BadBufferLayout(f"stats buffer of {chain.readable_length} bytes")
             data = b"".join(self.memory.read(d.addr, d.length) for d in chain.readable)
             values = parse_stats(data)
         except GuestError as exc:
