@@ -64,10 +64,11 @@ class Worker:
         self.poller.register(command_fd, _POLL_IN)
         self._errors_window = (0.0, 0)
         self.suppressed_errors = 0
-        self.log = logging.getLogger("vballoon.worker")
-        self.log.propagate = False
+        # A logger of its own, outside logging's registry: handlers inherited from the
+        # parent would write to fd numbers that mean something else inside the jail, and
+        # workers run as threads must not pile handlers onto one shared logger.
+        self.log = logging.Logger("vballoon.worker", logging.INFO)
         self.log.addHandler(_EventLogHandler(self))
-        self.log.setLevel(logging.INFO)
 
     def send(self, data: bytes) -> None:
         os.write(self.command_fd, data)
