@@ -65,6 +65,7 @@ def main() -> int:
         guest.wait_ready()
         say(f"guest up in {guest.boot_seconds:.2f} s; virtio_balloon {guest.balloon_state}")
         show(guest, "after boot")
+        show_jail(control)
 
         step("The guest uses most of its memory, then frees it (the host keeps backing it)")
         guest.fill_memory(400)
@@ -78,6 +79,7 @@ def main() -> int:
         if vballoon("set", f"{half}M", "--wait", "--control", control, "--timeout", "30") != 0:
             return 1
         show(guest, "with the balloon inflated")
+        say("  (without DEFLATE_ON_OOM the guest's MemTotal shrinks by the balloon's size)")
         freed = host_before - guest.host_ram_bytes()
         say(f"host memory given back: {freed / MIB:.0f} MiB of {half} MiB ballooned")
 
@@ -110,6 +112,19 @@ def fresh_stats(control: str, timeout: float = 5.0) -> None:
             if (client.request("stats")["updated_at"] or 0) > before:
                 return
             time.sleep(0.02)      # polling with a deadline, not synchronisation
+
+
+def show_jail(control: str) -> None:
+    """What the kernel says about the worker that reads guest memory."""
+    with ControlClient(control) as client:
+        pid = client.request("status")["worker_pid"]
+    with open(f"/proc/{pid}/status") as f:
+        status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    own_ns = all(os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
+                 for ns in ("pid", "net", "mnt", "ipc", "uts"))
+    say(f"  the jailed worker, pid {pid}: uid {status['Uid'].split()[0]}, "
+        f"NoNewPrivs {status['NoNewPrivs']}, Seccomp {status['Seccomp']} (filter), "
+        f"CapEff {status['CapEff']}, own pid/net/mount/ipc/uts namespaces: {own_ns}")
 
 
 def show(guest: UmlGuest, when: str) -> None:
