@@ -126,24 +126,36 @@ def _set(client: ControlClient, args: argparse.Namespace) -> int:
 
 
 def _wait(client: ControlClient, timeout: float, stall: float, scale: int = 0) -> int:
-    """Draw actual vs target until settled; 1 on timeout or a stalled guest."""
-    deadline = time.monotonic() + timeout
+    """Draw actual vs target until settled; 1 on timeout or a stalled guest.
+
+    Asks the server in short ``wait`` slices (so the bar moves) and tracks progress
+    across them: the guest has stalled when ``actual`` has not moved for ``stall`` s.
+    """
+    start = time.monotonic()
+    deadline = start + timeout
     tty = sys.stdout.isatty()
+    last_actual, last_move = None, start
     while True:
-        left = deadline - time.monotonic()
-        reply = client.request("wait", timeout=min(0.25, max(0.0, left)), stall=stall)
+        now = time.monotonic()
+        window = max(0.0, min(0.25, deadline - now))
+        reply = client.request("wait", timeout=window, stall=max(stall, 0.1))
+        now = time.monotonic()
+        if reply["actual_bytes"] != last_actual:
+            last_actual, last_move = reply["actual_bytes"], now
         outcome = reply["outcome"]
+        if outcome == "timeout":
+            if now - last_move >= stall:
+                outcome = "stalled"
+            elif now < deadline:
+                outcome = None
         scale = max(scale, reply["actual_bytes"], reply["target_bytes"])
         bar = _bar(reply["actual_bytes"], reply["target_bytes"], scale,
                    reply.get("guest_memory_bytes"))
         if tty:
             print(f"\r{bar}", end="", flush=True)
-        if outcome == "timeout" and time.monotonic() < deadline:
+        if outcome is None:
             continue
-        if tty:
-            print()
-        else:
-            print(bar)
+        print() if tty else print(bar)
         if outcome == "settled":
             return 0
         reason = {"stalled": f"the guest made no progress for {stall:g} s",

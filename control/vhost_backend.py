@@ -46,6 +46,7 @@ class Vring:
     kick_fd: int = -1
     call_fd: int = -1
     enabled: bool = False
+    kicked: bool = False     # a kick fd arrived since the rings last stopped: set up anew
 
     def close(self) -> None:
         for name in ("kick_fd", "call_fd"):
@@ -82,6 +83,7 @@ class VhostUserSession:
             log.warning("refused vhost-user request %s: %s", event.request, event.error)
             return self._fail(event.request, event.reply_expected, conn)
         handler = getattr(self, f"_on_{type(event).__name__}", None)
+        log.debug("vhost-user %s", event)
         try:
             if handler is None:
                 raise ControlError(f"{type(event).__name__} is not supported")
@@ -114,6 +116,9 @@ class VhostUserSession:
 
     def _on_SetFeatures(self, event, conn) -> None:
         virtio = event.features & ~(1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
+        if self.state.active:
+            # A driver probing again (UML sends no reset when its driver goes away).
+            self._stop()
         self.device.ack_features(virtio)
         self.state.features = event.features
         log.info("guest negotiated %s", ", ".join(feature_names(virtio)) or "no features")
@@ -179,6 +184,7 @@ class VhostUserSession:
 
     def _on_SetVringKick(self, event, conn) -> None:
         self._replace_fd(event, "kick_fd")
+        self.state.vrings[event.index].kicked = True
         self._maybe_activate()
 
     def _replace_fd(self, event, name: str) -> None:
@@ -198,7 +204,12 @@ class VhostUserSession:
         setattr(vring, name, event.fd)
 
     def _on_SetVringEnable(self, event, conn) -> None:
-        self._vring(event.index).enabled = event.enable
+        vring = self._vring(event.index)
+        vring.enabled = event.enable
+        if not event.enable and self.state.active:
+            # The driver is tearing its rings down and will reuse their memory: the
+            # worker must not touch them again.
+            self._stop()
 
     def _on_GetVringBase(self, event, conn) -> bytes:
         vring = self._vring(event.index)
@@ -238,7 +249,7 @@ class VhostUserSession:
         names = self.device.queue_names()
         rings = self.state.vrings[:len(names)]
         if self.state.active or not self.state.regions \
-                or any(r.kick_fd < 0 or r.call_fd < 0 or r.addr is None for r in rings):
+                or any(not r.kicked or r.call_fd < 0 or r.addr is None for r in rings):
             return
         specs = []
         for ring in rings:
@@ -260,6 +271,8 @@ class VhostUserSession:
             next_avail = state.get("next_avail", {}).get(name)
             if next_avail is not None:
                 self.state.vrings[index].base = next_avail
+        for ring in self.state.vrings:
+            ring.kicked = False
         self.state.active = False
 
     def reset(self) -> None:

@@ -58,6 +58,7 @@ class Worker:
         self.memory: GuestMemory | None = None
         self.queues: BalloonQueues | None = None
         self.kick_fds: dict[int, str] = {}
+        self.again: set[str] = set()     # queues to process without waiting for a kick
         self.config = {"num_pages": 0, "actual": 0}
         self.running = True
         self.poller = select.poll()
@@ -76,9 +77,11 @@ class Worker:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> None:
+        # Queues are only looked at when kicked, or when a pass stopped at its budget with
+        # buffers left (``self.again``): never on a command alone, since a driver that
+        # went away without telling us may have freed and reused its rings' memory.
         while self.running:
-            timeout = self._timeout()
-            for fd, mask in self.poller.poll(timeout):
+            for fd, mask in self.poller.poll(self._timeout()):
                 if fd == self.command_fd:
                     if mask & _POLL_IN:
                         self._on_command()
@@ -86,18 +89,19 @@ class Worker:
                         self.running = False
                 elif fd in self.kick_fds:
                     drain_fd(fd)
-                    self.queues.process(self.kick_fds[fd])
-            if self.queues is not None:
-                for name in self.queues.queues:
-                    if self.queues.has_pending(name):
-                        self.queues.process(name)
+                    self.again.add(self.kick_fds[fd])
+            if self.queues is not None and self.running:
+                for name in sorted(self.again):
+                    self.queues.process(name)
+                    if not self.queues.has_pending(name):
+                        self.again.discard(name)
                 self.queues.tick(time.monotonic())
         self._unmap()
 
     def _timeout(self) -> int | None:
         if self.queues is None:
             return None
-        if any(self.queues.has_pending(name) for name in self.queues.queues):
+        if self.again:
             return 0
         due = self.queues.stats_timeout(time.monotonic())
         return None if due is None else int(due * 1000) + 1
@@ -154,6 +158,7 @@ class Worker:
         for fd in self.kick_fds:
             os.set_blocking(fd, False)
             self.poller.register(fd, _POLL_IN)
+        self.again = set(built)          # buffers may be waiting already (a restart)
         for name, spec in zip(built, specs):
             built[name].enable_notification()
             if spec.next_avail is None:

@@ -9,63 +9,15 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import dataclass
 
 import pytest
 
-from control.client import ControlClient
-from control.proxy import ProxyOptions
-from control.server import ServeOptions
 from device.balloon import BalloonOptions
-from guest.uml import DEFAULT_IMAGE_DIR, GuestConfig, UmlGuest
+from guest.uml import GuestConfig, UmlGuest
 from tests.driver import MIB, wait_for
-from tests.frontend import ServerThread
+from tests.guest_rig import GUEST_MIB, JAIL, half_guest, needs_guest, start_rig, stop_rig
 
-pytestmark = [
-    pytest.mark.guest,
-    pytest.mark.skipif(not (DEFAULT_IMAGE_DIR / ".ready").exists(),
-                       reason="no guest image: run `make guest` (make test does)"),
-]
-
-GUEST_MIB = 256
-JAIL = os.environ.get("VBALLOON_TEST_JAIL", "1") != "0"
-
-
-@dataclass
-class Rig:
-    server: ServerThread
-    guest: UmlGuest
-    control: ControlClient
-    options: ServeOptions
-
-    def device(self):
-        return self.server.server.device
-
-    def set(self, size: int) -> dict:
-        self.control.request("set", size=size)
-        return self.control.request("wait", timeout=30.0, stall=5.0)
-
-    def mem_free_mib(self) -> float:
-        return self.guest.meminfo()["MemFree"] / 1024
-
-
-def start_rig(tmp_path, balloon: BalloonOptions = BalloonOptions(), name: str = "a") -> Rig:
-    options = ServeOptions(str(tmp_path / f"vhost-{name}.sock"), str(tmp_path / f"ctl-{name}.sock"),
-                           balloon, ProxyOptions(jail=JAIL))
-    server = ServerThread(options)
-    guest = UmlGuest(GuestConfig(mem_mib=GUEST_MIB, vhost_socket=options.socket_path))
-    guest.start()
-    guest.wait_ready()
-    assert guest.balloon_state in ("loaded", "builtin")
-    wait_for(lambda: server.server.device is not None and server.server.device.state == "active",
-             what="the device to be activated")
-    return Rig(server, guest, ControlClient(options.control_path), options)
-
-
-def stop_rig(rig: Rig) -> None:
-    rig.control.close()
-    rig.guest.stop()
-    rig.server.stop()
+pytestmark = needs_guest
 
 
 @pytest.fixture
@@ -73,10 +25,6 @@ def rig(tmp_path):
     rig = start_rig(tmp_path)
     yield rig
     stop_rig(rig)
-
-
-def half_guest(rig: Rig) -> int:
-    return rig.control.request("status")["guest_memory_bytes"] // 2 // MIB * MIB
 
 
 def test_inflate_to_half_frees_host_memory_and_deflate_gives_it_back(rig):
@@ -192,6 +140,16 @@ def test_guest_rebinds_the_device_and_a_second_guest_connects(tmp_path):
             second.stop()
     finally:
         stop_rig(rig)
+
+
+def test_driver_reload_resets_the_device(rig):
+    """rmmod/insmod of the guest's driver: UML says nothing on removal and probes anew."""
+    assert rig.set(32 * MIB)["outcome"] == "settled"
+    rig.guest.run("rmmod virtio_balloon")             # the driver deflates on its way out
+    rig.guest.run("insmod /lib/modules/virtio_balloon.ko")
+    wait_for(lambda: rig.device().state == "active" and rig.device().config.actual == 32 * MIB // 4096,
+             timeout=10, what="the new driver to inflate to the standing target")
+    assert rig.set(0)["outcome"] == "settled"
 
 
 @pytest.mark.skipif(not JAIL, reason="only a jailed worker has a jail to inspect")
