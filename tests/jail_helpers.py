@@ -294,26 +294,23 @@ def worker_loop(fds: ChildFds) -> None:
     log.setLevel(logging.INFO)
     log.addHandler(_PipeHandler(fds.log))
     memory = mmap.mmap(fds.memfd, MEMORY_PAGES * PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=fds.sock)
-    unpacker = msgpack.Unpacker(max_buffer_size=4096)
-    epoll = select.epoll()
-    epoll.register(sock.fileno(), select.EPOLLIN)
-    epoll.register(fds.kick, select.EPOLLIN)
+    # As device/worker.py does: poll (no extra fd), plain read/write on the socket.
+    poller = select.poll()
+    poller.register(fds.sock, select.POLLIN)
+    poller.register(fds.kick, select.POLLIN)
     log.info("worker ready")
     while True:
-        for fd, _ in epoll.poll(5.0):
+        for fd, _ in poller.poll(5000):
             if fd == fds.kick:
                 os.eventfd_read(fds.kick)
                 os.eventfd_write(fds.call, 1)
                 continue
-            unpacker.feed(sock.recv(4096))
-            for request in unpacker:
-                reply = _serve(request, memory, fds.memfd, log)
-                sock.send(msgpack.packb(reply))
-                if request[0] == "stop":
-                    memory.close()
-                    epoll.close()
-                    return
+            request = msgpack.unpackb(os.read(fds.sock, 4096))
+            reply = _serve(request, memory, fds.memfd, log)
+            os.write(fds.sock, msgpack.packb(reply))
+            if request[0] == "stop":
+                memory.close()
+                return
 
 
 def _serve(request: list, memory: mmap.mmap, memfd: int, log: logging.Logger) -> object:

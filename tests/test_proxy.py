@@ -88,6 +88,32 @@ def test_kill_returns_state(proxied):
     assert proxy.worker is None
 
 
+@pytest.mark.parametrize("mode", ["log", "kill"])
+def test_real_worker_needs_nothing_outside_its_policy(ram, mode):
+    """The real worker's whole workload: in log mode nothing is denied, in kill mode it
+    survives (device/balloon.policy is as tight as this allows)."""
+    proxy, driver = make_proxy(ram, True, seccomp_mode=mode)
+    proxy.options = BalloonOptions(free_page_reporting=True, stats_interval=0.01)
+    proxy.activate([ram.region()], driver.specs())
+    worker = proxy.worker
+    ram.populate()
+    driver.send_stats({VIRTIO_BALLOON_S_MEMFREE: 1})
+    driver.inflate(4096, batch=8)
+    driver.deflate(2048, batch=4)
+    driver.report([(16 * MIB, 4 * MIB)])
+    driver.refresh_stats({VIRTIO_BALLOON_S_MEMFREE: 2})     # the interval handed it back
+    wait_for(lambda: proxy.stats.values == {"free_memory": 2}, what="refreshed stats")
+    queue = driver.queues["inflate"]                         # a bad buffer: logged, counted
+    queue.add([(queue.scratch, 3)])
+    queue.kick()
+    driver.wait_used("inflate", 1)
+    assert proxy.request("state")["counters"]["bad_buffers"] == 1
+    assert proxy.kill()["active"] is True
+    assert worker.describe_exit() == "exited with code 0"
+    assert worker.denials() == {}
+    driver.close()
+
+
 # -- supervision (jailed workers only: a thread cannot be killed alone) -------------------
 
 @pytest.fixture
