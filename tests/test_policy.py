@@ -336,7 +336,8 @@ def balloon() -> Policy:
         ("mmap", (0, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, MASK64, 0)),
         ("madvise", (0, 4096, MADV_REMOVE)),
         ("fallocate", (3, 3, 0, 4096)),
-        ("epoll_wait", (5, 0, 16, 100)),
+        ("poll", (5, 3, 100)),
+        ("ioctl", (5, 0x5421, 0)),
         ("exit_group", (0,)),
     ],
 )
