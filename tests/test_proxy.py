@@ -6,6 +6,7 @@ import os
 import select
 import signal
 
+import msgpack
 import pytest
 
 from control.errors import RequestError, WorkerError
@@ -78,6 +79,25 @@ def test_wait_settled_reports_a_stalled_guest(proxied):
     proxy.set_target_pages(100)
     result = proxy.wait_settled(timeout=5, stall=0.3)
     assert (result.outcome, result.actual_pages) == ("stalled", 0)
+
+
+def test_garbage_from_the_worker_side_changes_nothing(ram):
+    """The parent validates what comes from the worker too: bad datagrams are dropped."""
+    proxy, driver = make_proxy(ram, False)
+    proxy.activate([ram.region()], driver.specs())
+    worker_end = proxy.worker._fd                 # the thread worker's end of the socket
+    for garbage in (b"\xc1", b"\x93\x01\x02\x03", encode_event_with_bad_stats(),
+                    b"x" * 70000):
+        os.write(worker_end, garbage)
+    assert proxy.request("ping")["pid"] == os.getpid()
+    assert proxy.stats.values == {}
+    proxy.reset()
+    driver.close()
+
+
+def encode_event_with_bad_stats() -> bytes:
+    return msgpack.packb({"v": 1, "type": "stats_event", "id": 0,
+                          "values": {"free_memory": -5}, "updated": 0.0})
 
 
 def test_kill_returns_state(proxied):

@@ -104,6 +104,8 @@ def test_worker_killed_mid_inflation_is_replaced_unnoticed(rig):
                        not in killed and device.worker.pid, what="a live worker")
         os.kill(pid, signal.SIGKILL)
         killed.add(pid)
+        # The operator's door stays open while the worker is replaced.
+        assert rig.control.request("status")["state"] in ("active", "restarting")
     result = rig.control.request("wait", timeout=30.0, stall=10.0)
     assert (result["outcome"], result["actual_bytes"]) == ("settled", target)
     status = rig.control.request("status")
