@@ -35,10 +35,9 @@ from pathlib import Path
 
 from control.errors import RequestError, WorkerError, WorkerFailed
 from control.workers import WorkerHandle, spawn_worker
-from device.balloon import (PAGE_SIZE, BalloonOptions, QueueSpec, queue_layout)
+from device.balloon import PAGE_SIZE, BalloonControl, BalloonOptions, QueueSpec
 from device.command import MAX_MESSAGE, ProtocolError, decode, request
-from device.config import U32_MAX, BalloonConfig
-from device.errors import ConfigAccessError, FeatureError
+from device.errors import InvalidTarget
 from device.memory import MemoryRegion, validate_regions
 from device.stats import StatsSnapshot
 
@@ -79,21 +78,19 @@ class _Pending:
     reply: dict | None = None
 
 
-class ProxyBalloon:
-    """The balloon device, its queues served by a jailed child (see the module docstring)."""
+class ProxyBalloon(BalloonControl):
+    """The balloon device, its queues served by a jailed child (see the module docstring).
+
+    Negotiation and config space are ``BalloonControl``'s, answered here in the parent;
+    size requests raise ``RequestError`` instead of ``InvalidTarget``.
+    """
 
     def __init__(self, options: BalloonOptions = BalloonOptions(),
                  proxy: ProxyOptions = ProxyOptions(),
                  on_config_change: Callable[[], None] | None = None) -> None:
-        self.options = options
+        super().__init__(options, on_config_change)
         self.proxy = proxy
-        self.device_features = options.features()
-        self.acked_features = 0
-        self.config = BalloonConfig()
-        self.on_config_change = on_config_change or (lambda: None)
-        self.guest_pages: int | None = None
         self.stats = StatsSnapshot()
-        self.counters: dict = {}
         self.state = IDLE
         self.restarts = 0
         self.last_exit: str | None = None
@@ -112,36 +109,19 @@ class ProxyBalloon:
 
     # -- the Balloon interface -------------------------------------------------------------
 
-    def ack_features(self, features: int) -> None:
-        if self.state != IDLE:
-            raise FeatureError("features cannot change while the device is active")
-        unknown = features & ~self.device_features
-        if unknown:
-            raise FeatureError(f"features {unknown:#x} were not offered")
-        self.acked_features = features
+    def is_active(self) -> bool:
+        return self.state != IDLE
 
-    def queue_names(self) -> tuple[str, ...]:
-        return queue_layout(self.acked_features)
-
-    def read_config(self, offset: int, length: int) -> bytes:
-        return self.config.read(offset, length)
-
-    def write_config(self, offset: int, data: bytes) -> None:
-        with self._lock:
-            self.config.write(offset, data)
+    def config_changed(self) -> None:
+        with self._settle:
             self._settle.notify_all()
 
     def set_target_pages(self, pages: int) -> None:
         """Ask the guest to hold ``pages`` pages. Raises ``RequestError`` if out of range."""
-        limit = min(self.guest_pages if self.guest_pages is not None else U32_MAX, U32_MAX)
-        if type(pages) is not int or not 0 <= pages <= limit:
-            raise RequestError(f"a target of {pages} pages is outside 0..{limit}")
-        with self._lock:
-            changed = pages != self.config.num_pages
-            self.config.num_pages = pages
-            self._settle.notify_all()
-        if changed:
-            self.on_config_change()
+        try:
+            super().set_target_pages(pages)
+        except InvalidTarget as exc:
+            raise RequestError(str(exc)) from exc
 
     def activate(self, regions: list[MemoryRegion], queues: list[QueueSpec]) -> None:
         """Fork the jailed worker and start serving; raises ``WorkerError`` if it cannot.
@@ -173,8 +153,8 @@ class ProxyBalloon:
         """Stop the worker (gracefully, then SIGKILL) and go back to idle; returns its state."""
         state = self.kill()
         self.acked_features = 0
-        with self._lock:
-            self.config.actual = 0
+        self.config.actual = 0
+        self.config_changed()
         self._activation = None
         self.state = IDLE
         return state
@@ -197,12 +177,7 @@ class ProxyBalloon:
         return state
 
     def snapshot(self) -> dict:
-        return {"acked_features": self.acked_features, "config": asdict(self.config),
-                "stats": asdict(self.stats), "restarts": self.restarts}
-
-    def restore(self, state: dict) -> None:
-        self.ack_features(int(state["acked_features"]))
-        self.config = BalloonConfig(**{k: int(v) for k, v in state["config"].items()})
+        return {**super().snapshot(), "stats": asdict(self.stats), "restarts": self.restarts}
 
     def kick_fds(self) -> dict[int, str]:
         return {}     # the worker watches them

@@ -370,13 +370,15 @@ def build_queues(memory: GuestMemory, features: int, specs: list[QueueSpec]) -> 
     return queues
 
 
-class Balloon:
-    """The whole balloon device, in this process (see the module docstring's lifecycle).
+class BalloonControl:
+    """The part of the device that needs no guest memory: features, config space, target.
 
-    ``on_config_change`` is called when the device changes config space (a new target);
-    a transport turns it into a config interrupt. Raises ``FeatureError`` for features not
-    offered or acked while active, ``InvalidTarget`` for a target out of range, and
-    ``ConfigAccessError`` for a driver config write it may not make.
+    Shared by the in-process ``Balloon`` and the jailed ``control.proxy.ProxyBalloon``, so
+    both negotiate and answer config accesses identically. ``on_config_change`` is called
+    when the device changes config space (a new target); a transport turns it into a
+    config interrupt. Raises ``FeatureError`` for features not offered or acked while
+    active, ``InvalidTarget`` for a target out of range, and ``ConfigAccessError`` for a
+    driver config write it may not make.
     """
 
     def __init__(self, options: BalloonOptions = BalloonOptions(),
@@ -387,14 +389,15 @@ class Balloon:
         self.config = BalloonConfig()
         self.on_config_change = on_config_change or (lambda: None)
         self.guest_pages: int | None = None
-        self.memory: GuestMemory | None = None
-        self.queues: BalloonQueues | None = None
-        self._kick_fds: dict[int, str] = {}
 
-    # -- negotiation and config --------------------------------------------------------------
+    def is_active(self) -> bool:
+        raise NotImplementedError
+
+    def config_changed(self) -> None:
+        """Hook: ``actual`` or ``num_pages`` changed (the proxy wakes its waiters)."""
 
     def ack_features(self, features: int) -> None:
-        if self.queues is not None:
+        if self.is_active():
             raise FeatureError("features cannot change while the device is active")
         unknown = features & ~self.device_features
         if unknown:
@@ -410,15 +413,41 @@ class Balloon:
     def write_config(self, offset: int, data: bytes) -> None:
         self.config.write(offset, data,
                           poison_writable=bool(self.acked_features >> VIRTIO_BALLOON_F_PAGE_POISON & 1))
+        self.config_changed()
 
     def set_target_pages(self, pages: int) -> None:
         """Ask the guest to hold ``pages`` 4 KiB pages in the balloon."""
-        limit = self.guest_pages if self.guest_pages is not None else U32_MAX
-        if not 0 <= pages <= min(limit, U32_MAX):
-            raise InvalidTarget(f"target of {pages} pages is outside 0..{min(limit, U32_MAX)}")
-        if pages != self.config.num_pages:
-            self.config.num_pages = pages
+        limit = min(self.guest_pages if self.guest_pages is not None else U32_MAX, U32_MAX)
+        if type(pages) is not int or not 0 <= pages <= limit:
+            raise InvalidTarget(f"a target of {pages} pages is outside 0..{limit}")
+        changed = pages != self.config.num_pages
+        self.config.num_pages = pages
+        self.config_changed()
+        if changed:
             self.on_config_change()
+
+    def snapshot(self) -> dict:
+        """The state that survives a worker restart or a migration (plain data)."""
+        return {"acked_features": self.acked_features, "config": asdict(self.config)}
+
+    def restore(self, state: dict) -> None:
+        """Load a ``snapshot()``; only before activation. Raises ``FeatureError``."""
+        self.ack_features(int(state["acked_features"]))
+        self.config = BalloonConfig(**{k: int(v) for k, v in state["config"].items()})
+
+
+class Balloon(BalloonControl):
+    """The whole balloon device, in this process (see the module docstring's lifecycle)."""
+
+    def __init__(self, options: BalloonOptions = BalloonOptions(),
+                 on_config_change: Callable[[], None] | None = None) -> None:
+        super().__init__(options, on_config_change)
+        self.memory: GuestMemory | None = None
+        self.queues: BalloonQueues | None = None
+        self._kick_fds: dict[int, str] = {}
+
+    def is_active(self) -> bool:
+        return self.queues is not None
 
     # -- activation ----------------------------------------------------------------------------
 
@@ -466,14 +495,8 @@ class Balloon:
     # -- state -----------------------------------------------------------------------------
 
     def snapshot(self) -> dict:
-        """Device state that survives a worker restart or a migration (plain data)."""
-        state = {"acked_features": self.acked_features, "config": asdict(self.config)}
+        state = super().snapshot()
         if self.queues is not None:
             state["counters"] = asdict(self.queues.counters)
             state["stats"] = asdict(self.queues.stats)
         return state
-
-    def restore(self, state: dict) -> None:
-        """Load a ``snapshot()``; only before activation. Raises ``FeatureError``."""
-        self.ack_features(int(state["acked_features"]))
-        self.config = BalloonConfig(**{k: int(v) for k, v in state["config"].items()})
