@@ -169,7 +169,10 @@ class ProxyBalloon(BalloonControl):
             except WorkerError as exc:
                 log.warning("graceful stop failed (%s); killing the worker", exc)
         if self._thread is not None:
-            self._thread.join(self.proxy.kill_grace + 2)
+            # The supervisor ends the worker (SIGKILL after kill_grace) and then itself.
+            self._thread.join(self.proxy.kill_grace + self.proxy.request_timeout + 5)
+            if self._thread.is_alive():
+                raise WorkerError("the supervisor did not stop")
             self._thread = None
         self._end_worker()
         if self.state != FAILED:
@@ -236,7 +239,11 @@ class ProxyBalloon(BalloonControl):
             if sock is None or self.state != ACTIVE:
                 raise WorkerError(f"no worker to ask ({self.state})")
             ident, pending = self._register()
-            sock.send(request(kind, ident, **body))
+            try:
+                sock.send(request(kind, ident, **body))
+            except OSError as exc:          # the worker just died; the supervisor knows
+                self._pending.pop(ident, None)
+                raise WorkerError(f"cannot reach the worker: {exc}") from exc
         if not pending.done.wait(self.proxy.request_timeout if timeout is None else timeout):
             self._pending.pop(ident, None)
             raise WorkerError(f"the worker did not answer {kind!r} in time")
@@ -255,9 +262,16 @@ class ProxyBalloon(BalloonControl):
             self._started.set()
             return
         self._started.set()
+        stop_by = None
         while self.worker is not None:
+            if self._stopping.is_set():
+                # kill(): the worker was asked to stop; it gets kill_grace to do so.
+                stop_by = stop_by or time.monotonic() + self.proxy.kill_grace
+                if time.monotonic() >= stop_by:
+                    self._end_worker()
+                    break
             worker, sock = self.worker, self._sock
-            ready = select.select([worker.exit_fd(), sock], [], [], 0.5)[0]
+            ready = select.select([worker.exit_fd(), sock], [], [], 0.1 if stop_by else 0.5)[0]
             if sock in ready and not self._read_worker(sock):
                 # The socket closed: the worker is ending; its exit is what to wait for.
                 ready = select.select([worker.exit_fd()], [], [], self.proxy.kill_grace)[0] \
