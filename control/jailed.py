@@ -60,5 +60,5 @@ def spawn_jailed_worker(command_fd: int, keep_fds: list[int], policy_path: Path,
         config = JailConfig(keep_fds=keep_fds, name=WORKER_NAME,
                             seccomp=load_policy(policy_path), seccomp_mode=seccomp_mode)
         return JailedWorker(spawn(lambda: run_worker(command_fd), config))
-    except JailError as exc:
+    except (JailError, ValueError) as exc:      # ValueError: an inconsistent JailConfig
         raise WorkerError(f"cannot start the jailed worker: {exc}") from exc

@@ -26,7 +26,8 @@ from control.errors import RequestError
 from control.proxy import ProxyBalloon, ProxyOptions
 from control.vhost_backend import MAX_QUEUES, VhostUserSession
 from control.wire import FrameDecoder, FrameError, encode_frame
-from device.balloon import PAGE_SIZE, BalloonOptions
+from control.jailed import load_policy
+from device.balloon import SECCOMP_POLICY, BalloonOptions
 
 log = logging.getLogger("vballoon.serve")
 
@@ -75,6 +76,10 @@ class Server:
         self.codec: vu.BackendConnection | None = None
         self.clients: dict[int, Client] = {}
         self.waiters: list[Waiter] = []
+        if options.proxy.jail:
+            # Fail at start-up, not at the guest's first connection, if the policy is bad;
+            # and have it parsed (and the jail imported) before the guest waits on it.
+            load_policy(options.proxy.policy or SECCOMP_POLICY)
         self._wake_r, self._wake_w = socket.socketpair()
         self.vhost_listener = self._listen(options.socket_path, backlog=1)
         self.selector.register(self.vhost_listener, selectors.EVENT_READ, self._accept_frontend)

@@ -11,6 +11,9 @@ import socket
 import threading
 from typing import Protocol
 
+import prctl
+
+from control.jailed import spawn_jailed_worker
 from device.balloon import SECCOMP_POLICY
 from device.worker import run_worker
 
@@ -36,6 +39,7 @@ class ThreadWorker:
         self._thread.start()
 
     def _run(self) -> None:
+        prctl.set_name("vballoon-worker")     # this thread's name, as tools see it
         try:
             run_worker(self._fd, owns_fds=False)
         finally:
@@ -63,6 +67,5 @@ def spawn_worker(command: socket.socket, keep_fds: list[int], options) -> Worker
     """
     if not options.jail:
         return ThreadWorker(command)
-    from control.jailed import spawn_jailed_worker
     return spawn_jailed_worker(command.fileno(), keep_fds, options.policy or SECCOMP_POLICY,
                                options.seccomp_mode)
