@@ -289,7 +289,6 @@ class Server:
             messages = client.decoder.feed(data)
         except FrameError as exc:
             self._reply(client, {"id": None, "ok": False, "error": str(exc)})
-            self._flush(client)
             self._drop_client(client)
             return
         for message in messages:
