@@ -188,8 +188,13 @@ def reply_ok(ident: int, result: dict | None = None) -> bytes:
     return encode(Message("reply", ident, body))
 
 
+def clip(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes (msgpack's limits count bytes)."""
+    return text.encode()[:limit].decode(errors="ignore")
+
+
 def reply_error(ident: int, error: str) -> bytes:
-    return encode(Message("reply", ident, {"ok": False, "error": error[:MAX_TEXT]}))
+    return encode(Message("reply", ident, {"ok": False, "error": clip(error)}))
 
 
 def event(kind: str, **body: Any) -> bytes:

@@ -71,8 +71,14 @@ class PageReleaser:
             self._collect(lo, hi, huge)
 
     def _collect(self, lo: int, hi: int, huge: int) -> None:
-        if lo >= hi:
-            return
+        """Note ``[lo, hi)`` as ballooned; release each huge page it completes."""
+        while lo < hi:
+            # One huge page at a time: a range may straddle a huge-page boundary.
+            end = min(hi, (lo // huge + 1) * huge)
+            self._collect_one(lo, end, huge)
+            lo = end
+
+    def _collect_one(self, lo: int, hi: int, huge: int) -> None:
         base = lo // huge * huge
         pages = self._partial.setdefault(base, set())
         before = len(pages)

@@ -179,6 +179,11 @@ class SplitQueue:
                     raise InvalidIndirect("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
                 if flags & VIRTQ_DESC_F_NEXT or length == 0 or length % 16:
                     raise InvalidIndirect(f"indirect table of {length} bytes, flags {flags:#x}")
+                if length // 16 > self.size:
+                    # A chain may not be longer than the queue (VIRTIO 2.7.5.3.1); without
+                    # this a guest could hand over a table of millions of descriptors.
+                    raise InvalidIndirect(f"indirect table of {length // 16} descriptors "
+                                          f"exceeds the queue size {self.size}")
                 self.memory.locate(addr, length)
                 table, table_size = addr, length // 16
                 index, ttl, indirect = 0, table_size, True

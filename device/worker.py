@@ -24,8 +24,8 @@ import time
 from dataclasses import asdict
 
 from device.balloon import BalloonQueues, QueueSpec, build_queues
-from device.command import (MAX_MESSAGE, Message, ProtocolError, decode, event, reply_error,
-                            reply_ok)
+from device.command import (MAX_MESSAGE, Message, ProtocolError, clip, decode, event,
+                            reply_error, reply_ok)
 from device.errors import DeviceError, GuestError
 from device.memory import GuestMemory, MemoryRegion
 from device.notify import drain_fd, signal_fd
@@ -45,8 +45,7 @@ class _EventLogHandler(logging.Handler):
         self.worker = worker
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.worker.send(event("log", level=record.levelno,
-                               message=record.getMessage()[:4000]))
+        self.worker.send(event("log", level=record.levelno, message=clip(record.getMessage())))
 
 
 class Worker:
@@ -158,6 +157,10 @@ class Worker:
         for fd in self.kick_fds:
             os.set_blocking(fd, False)
             self.poller.register(fd, _POLL_IN)
+        for spec in specs:
+            # A guest that stops draining its call fd (a paused VM, a full socketpair)
+            # must not block the worker: a pending interrupt is as good as a new one.
+            os.set_blocking(spec.call_fd, False)
         self.again = set(built)          # buffers may be waiting already (a restart)
         for name, spec in zip(built, specs):
             built[name].enable_notification()
@@ -200,7 +203,7 @@ class Worker:
         if count >= MAX_ERROR_EVENTS_PER_SECOND:
             self.suppressed_errors += 1
         else:
-            self.send(event("error", queue=queue, message=f"{type(exc).__name__}: {exc}"[:4000]))
+            self.send(event("error", queue=queue, message=clip(f"{type(exc).__name__}: {exc}")))
             count += 1
         self._errors_window = (start, count)
 

@@ -175,6 +175,21 @@ def test_huge_pages_are_released_only_when_whole(ram):
     driver.close()
 
 
+def test_unaligned_range_across_a_huge_page_boundary_frees_only_whole_pages(ram):
+    """PFNs 384..639 straddle the 2 MiB boundary at 512: neither huge page is complete,
+    and after 0..255 the first still misses 256..383 — nothing may be released."""
+    with GuestMemory([MemoryRegion(0, ram.size, ram.fd, page_size=2 * MIB)]) as memory:
+        ram.populate()
+        releaser = PageReleaser(memory)
+        releaser.release_pfns([(384, 256)])
+        releaser.release_pfns([(0, 256)])
+        assert ram.host_bytes() == ram.size
+        assert releaser.counters.pending_pages == 512
+        releaser.release_pfns([(256, 128)])                # completes huge page 0
+        assert ram.host_bytes() == ram.size - 2 * MIB
+        assert releaser.counters.pending_pages == 128      # 512..639 wait for page 1
+
+
 def test_real_hugetlbfs_memory_is_released(tmp_path):
     """On a real hugetlbfs memfd, whole 2 MiB pages go back to the host."""
     try:

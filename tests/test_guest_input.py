@@ -203,3 +203,17 @@ def test_huge_pfn_buffer_is_refused_not_unpacked(ram, inprocess):
     assert driver.wait_used(INFLATE_QUEUE, 1)[0][1] == 0
     assert seen == [("inflate", "BadBufferLayout")]
     assert balloon.queues.counters.inflated_pages == 0
+
+
+def test_indirect_table_longer_than_the_queue_is_refused(ram, inprocess):
+    balloon, driver = inprocess
+    seen = errors_of(balloon)
+    queue = driver.queues[INFLATE_QUEUE]
+    # A table of 4 million descriptors (64 MiB of "table"), each chaining to the next.
+    queue.write_desc(0, 0, 64 * MIB, VIRTQ_DESC_F_INDIRECT, 0)
+    queue.free.remove(0)
+    queue.publish(0)
+    driver.kick(INFLATE_QUEUE)
+    assert driver.wait_used(INFLATE_QUEUE, 1) == [(0, 0)]
+    assert seen == [("inflate", "BadChain")]
+    assert balloon.queues.counters.bad_buffers == 1
