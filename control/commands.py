@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from control.errors import RequestError, WorkerError
+from control.errors import RequestError
 from control.proxy import ProxyBalloon
 from device.balloon import PAGE_SIZE, feature_names
 from device.stats import STAT_NAMES
@@ -44,7 +44,7 @@ def status(device: ProxyBalloon | None) -> dict[str, Any]:
     if device is None:
         return {"state": "waiting", "connected": False, "target_bytes": 0, "actual_bytes": 0,
                 "worker_pid": None, "worker_restarts": 0, "features": [],
-                "guest_memory_bytes": None, "last_worker_exit": None}
+                "guest_memory_bytes": None, "last_worker_exit": None, "seccomp_denials": None}
     worker = device.worker
     return {"state": device.state, "connected": True,
             "target_bytes": device.config.num_pages * PAGE_SIZE,
@@ -54,7 +54,8 @@ def status(device: ProxyBalloon | None) -> dict[str, Any]:
             "features": feature_names(device.acked_features),
             "guest_memory_bytes": None if device.guest_pages is None
             else device.guest_pages * PAGE_SIZE,
-            "last_worker_exit": device.last_exit}
+            "last_worker_exit": device.last_exit,
+            "seccomp_denials": device.denials()}
 
 
 def stats(device: ProxyBalloon | None, refresh: bool) -> dict[str, Any]:
@@ -66,11 +67,8 @@ def stats(device: ProxyBalloon | None, refresh: bool) -> dict[str, Any]:
     result["updated_at"] = updated
     result["age_seconds"] = None if not updated else max(0.0, time.time() - updated)
     result["refresh_requested"] = False
-    if refresh and device is not None and device.state == "active":
-        try:
-            result["refresh_requested"] = device.request_stats()
-        except WorkerError as exc:
-            raise RequestError(f"cannot refresh stats: {exc}") from exc
+    if refresh and device is not None:
+        result["refresh_requested"] = device.request_stats(wait=False)
     return result
 
 

@@ -13,7 +13,3 @@ class RequestError(ControlError):
 
 class WorkerError(ControlError):
     """The jailed worker failed: it refused a request, did not answer in time, or died."""
-
-
-class WorkerFailed(WorkerError):
-    """The worker kept dying and was not restarted again."""

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from control.errors import RequestError, WorkerError, WorkerFailed
+from control.errors import RequestError, WorkerError
 from control.workers import WorkerHandle, spawn_worker
 from device.balloon import PAGE_SIZE, BalloonControl, BalloonOptions, QueueSpec
 from device.command import MAX_MESSAGE, ProtocolError, decode, request
@@ -106,6 +106,7 @@ class ProxyBalloon(BalloonControl):
         self._stopping = threading.Event()
         self._started = threading.Event()
         self._start_error: BaseException | None = None
+        self._denied: dict[str, int] = {}
 
     # -- the Balloon interface -------------------------------------------------------------
 
@@ -122,6 +123,8 @@ class ProxyBalloon(BalloonControl):
             super().set_target_pages(pages)
         except InvalidTarget as exc:
             raise RequestError(str(exc)) from exc
+        # The worker keeps the config for its state (not on the hot path: targets are rare).
+        self.send("config", num_pages=self.config.num_pages, actual=self.config.actual)
 
     def activate(self, regions: list[MemoryRegion], queues: list[QueueSpec]) -> None:
         """Fork the jailed worker and start serving; raises ``WorkerError`` if it cannot.
@@ -146,7 +149,7 @@ class ProxyBalloon(BalloonControl):
             self._start_error = WorkerError("the worker did not start in time")
         if self._start_error is not None:
             error = self._start_error
-            self.reset()
+            self.kill()          # nothing keeps running; the negotiation is kept
             raise error
 
     def reset(self) -> dict:
@@ -175,8 +178,7 @@ class ProxyBalloon(BalloonControl):
                 raise WorkerError("the supervisor did not stop")
             self._thread = None
         self._end_worker()
-        if self.state != FAILED:
-            self.state = IDLE
+        self.state = IDLE        # a failure stays visible in last_exit
         return state
 
     def snapshot(self) -> dict:
@@ -226,9 +228,28 @@ class ProxyBalloon(BalloonControl):
                     return SettleResult("timeout", target, actual)
                 self._settle.wait(min(deadline - now, moved + stall - now, 0.2))
 
-    def request_stats(self) -> bool:
-        """Ask the worker to hand the stats buffer back so the guest refreshes it."""
+    def request_stats(self, wait: bool = True) -> bool:
+        """Ask the worker to hand the stats buffer back so the guest refreshes it.
+
+        With ``wait`` False the request is sent and not waited for (the server's loop
+        must not block on the worker); True is then "asked", not "done".
+        """
+        if not wait:
+            return self.send("stats")
         return bool(self.request("stats").get("requested"))
+
+    def send(self, kind: str, **body) -> bool:
+        """Send a request whose reply nobody waits for; False if there is no worker."""
+        with self._lock:
+            if self._sock is None or self.state != ACTIVE:
+                return False
+            ident = self._next_id
+            self._next_id += 1
+            try:
+                self._sock.send(request(kind, ident, **body))
+            except OSError:
+                return False                # the worker just died; the supervisor knows
+        return True
 
     # -- talking to the worker -----------------------------------------------------------------
 
@@ -302,7 +323,12 @@ class ProxyBalloon(BalloonControl):
         with self._lock:
             self.worker, self._sock = worker, parent_end
         ident, pending = self._register()
-        parent_end.send(request("activate", ident, **self._activate_body(activation, resume)))
+        try:
+            parent_end.send(request("activate", ident, **self._activate_body(activation, resume)))
+        except OSError as exc:
+            self._pending.pop(ident, None)
+            self._end_worker()
+            raise WorkerError(f"the worker is gone before activation: {exc}") from exc
         deadline = time.monotonic() + self.proxy.request_timeout
         while not pending.done.is_set():
             left = deadline - time.monotonic()
@@ -377,6 +403,11 @@ class ProxyBalloon(BalloonControl):
             return
         self.state = RESTARTING
         for _ in range(self.proxy.max_restarts + 1):
+            # The first restart is immediate (the guest may be waiting on a buffer); then
+            # back off, so a passing failure (say, fork under memory pressure) does not
+            # use up the whole restart budget in milliseconds. kill() interrupts the wait.
+            if self._stopping.wait(self._backoff()):
+                return
             try:
                 self._start_worker(resume=True)
                 return
@@ -386,6 +417,10 @@ class ProxyBalloon(BalloonControl):
                 if not self._count_restart():
                     return
         self.state = FAILED
+
+    def _backoff(self) -> float:
+        recent = len(self._restart_times)
+        return 0.0 if recent <= 1 else min(1.0, 0.05 * 2 ** (recent - 2))
 
     def _count_restart(self) -> bool:
         """Record a restart; False (and state "failed") once the rate limit is passed."""
@@ -401,10 +436,11 @@ class ProxyBalloon(BalloonControl):
         return True
 
     def _fail_pending(self, why: str) -> None:
-        for ident, pending in list(self._pending.items()):
-            pending.reply = {"ok": False, "error": why}
-            pending.done.set()
-        self._pending.clear()
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+        for waiter in pending:
+            waiter.reply = {"ok": False, "error": why}
+            waiter.done.set()
 
     def _end_worker(self) -> None:
         with self._lock:
@@ -414,7 +450,20 @@ class ProxyBalloon(BalloonControl):
             sock.close()
         if worker is not None:
             worker.stop(self.proxy.kill_grace)
+            self._report_denials(worker)
 
-    def check_failed(self) -> None:
-        if self.state == FAILED:
-            raise WorkerFailed(f"the worker keeps dying: {self.last_exit}")
+    def denials(self) -> dict[str, int] | None:
+        """``--seccomp log``: syscalls outside the policy so far, by name; else None."""
+        if self.proxy.seccomp_mode != "log" or not self.proxy.jail:
+            return None
+        current = self.worker.denials() if self.worker is not None else {}
+        return {name: self._denied.get(name, 0) + current.get(name, 0)
+                for name in sorted(set(self._denied) | set(current))}
+
+    def _report_denials(self, worker: WorkerHandle) -> None:
+        seen = getattr(worker, "denials", lambda: {})()
+        if seen:
+            for name, count in seen.items():
+                self._denied[name] = self._denied.get(name, 0) + count
+            log.warning("seccomp log mode: the worker used syscalls outside its policy: %s",
+                        ", ".join(f"{name} x{count}" for name, count in sorted(seen.items())))

@@ -21,9 +21,10 @@ import socket
 from dataclasses import dataclass, field
 
 from control import vhost_user as vu
-from control.errors import ControlError
+from control.errors import ControlError, WorkerError
 from control.proxy import ProxyBalloon
-from device.balloon import QueueSpec, feature_names
+from device.balloon import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, QueueSpec,
+                            feature_names)
 from device.errors import DeviceError
 from device.memory import MemoryRegion, user_to_guest, validate_regions
 from device.virtqueue import QueueConfig
@@ -35,7 +36,12 @@ OFFERED_PROTOCOL_FEATURES = (1 << vu.VHOST_USER_PROTOCOL_F_REPLY_ACK
                              | 1 << vu.VHOST_USER_PROTOCOL_F_CONFIG
                              | 1 << vu.VHOST_USER_PROTOCOL_F_RESET_DEVICE)
 MAX_QUEUES = 5
-CONFIG_SPACE_LIMIT = 256
+U64_REPLIES = frozenset({vu.FrontendRequest.GET_FEATURES, vu.FrontendRequest.GET_PROTOCOL_FEATURES,
+                         vu.FrontendRequest.GET_QUEUE_NUM, vu.FrontendRequest.GET_MAX_MEM_SLOTS})
+
+
+class FrontendGone(ControlError):
+    """The front-end broke the protocol beyond a refusal: close its connection."""
 
 
 @dataclass
@@ -45,8 +51,8 @@ class Vring:
     addr: vu.SetVringAddr | None = None
     kick_fd: int = -1
     call_fd: int = -1
-    enabled: bool = False
     kicked: bool = False     # a kick fd arrived since the rings last stopped: set up anew
+    resume: bool = False     # restart at the used index in memory, not at ``base``
 
     def close(self) -> None:
         for name in ("kick_fd", "call_fd"):
@@ -78,32 +84,45 @@ class VhostUserSession:
     # -- dispatch ----------------------------------------------------------------------------
 
     def handle(self, event: vu.Request | vu.RejectedRequest, conn: vu.BackendConnection) -> bytes | None:
-        """Apply one event; return the reply to send (None if the front-end expects none)."""
+        """Apply one event; return the reply to send (None if the front-end expects none).
+
+        A request that fails is refused (a failure ack, or the failure form of its reply)
+        and changes nothing. Raises ``FrontendGone`` only when the front-end asked for
+        something whose reply we cannot even express (it never was offered): the caller
+        closes the connection.
+        """
         if isinstance(event, vu.RejectedRequest):
             log.warning("refused vhost-user request %s: %s", event.request, event.error)
-            return self._fail(event.request, event.reply_expected, conn)
+            return self._fail(event, conn)
         handler = getattr(self, f"_on_{type(event).__name__}", None)
         log.debug("vhost-user %s", event)
+        if handler is None:
+            for fd in event.carried_fds:      # e.g. ADD_MEM_REG: never offered, fd refused
+                os.close(fd)
+            log.warning("vhost-user %s is not supported", type(event).__name__)
+            return self._fail(event, conn)
         try:
-            if handler is None:
-                raise ControlError(f"{type(event).__name__} is not supported")
             reply = handler(event, conn)
         except (ControlError, DeviceError, OSError) as exc:
             log.warning("vhost-user %s failed: %s", type(event).__name__, exc)
-            return self._fail(event.REQUEST, event.reply_expected, conn)
+            return self._fail(event, conn)
         if reply is None and event.reply_expected:
             return conn.reply_ack(event.REQUEST, True)
         return reply
 
-    @staticmethod
-    def _fail(request: int, reply_expected: bool, conn: vu.BackendConnection) -> bytes | None:
-        if not reply_expected:
+    def _fail(self, event: vu.Request | vu.RejectedRequest, conn: vu.BackendConnection) -> bytes | None:
+        if not event.reply_expected:
             return None
+        request = event.request if isinstance(event, vu.RejectedRequest) else event.REQUEST
         if request == vu.FrontendRequest.GET_CONFIG:
             return conn.reply_config_failure()
-        if request in vu.REQUESTS_WITH_REPLY:
-            raise ControlError(f"cannot fail request {request} that has a reply body")
-        return conn.reply_ack(request, False)
+        if request not in vu.REQUESTS_WITH_REPLY:
+            return conn.reply_ack(request, False)
+        if isinstance(event, vu.GetVringBase):
+            return conn.reply_vring_state(event.index, self.state.vrings[event.index].base)
+        if isinstance(event, vu.Request) and request in U64_REPLIES:
+            return conn.reply_u64(request, 0)
+        raise FrontendGone(f"request {request} has a reply we cannot give (never offered)")
 
     # -- negotiation ---------------------------------------------------------------------------
 
@@ -136,9 +155,14 @@ class VhostUserSession:
         return conn.reply_u64(event.REQUEST, MAX_QUEUES)
 
     def _on_SetBackendReqFd(self, event, conn) -> None:
+        try:
+            sock = socket.socket(fileno=event.fd)
+        except OSError:
+            os.close(event.fd)                 # not a socket: refused, and not kept
+            raise
         if self.backend_req is not None:
             self.backend_req.close()
-        self.backend_req = socket.socket(fileno=event.fd)
+        self.backend_req = sock
         self.backend_req.setblocking(False)
 
     # -- memory and rings ----------------------------------------------------------------------
@@ -156,10 +180,13 @@ class VhostUserSession:
             for fd in event.fds:
                 os.close(fd)
             raise
-        if self.state.active:
-            self._stop()
+        was_active = self.state.active
+        if was_active:
+            self._stop(resume=True)
         self._close_regions()
         self.state.regions = tuple(regions)
+        if was_active:
+            self._restart()
 
     def _vring(self, index: int) -> Vring:
         if index >= len(self.device.queue_names()) and self.state.features:
@@ -196,16 +223,20 @@ class VhostUserSession:
             raise
         if event.fd is None:
             raise ControlError("polling mode (NOFD) is not supported")
-        if self.state.active:
-            self._stop()
+        was_active = self.state.active
+        if was_active:
+            # A VMM may swap fds while running (QEMU does for interrupt masking): the
+            # worker holds the old ones, so it is replaced, resuming where it stood.
+            self._stop(resume=True)
         old = getattr(vring, name)
         if old >= 0:
             os.close(old)
         setattr(vring, name, event.fd)
+        if was_active:
+            self._restart()
 
     def _on_SetVringEnable(self, event, conn) -> None:
-        vring = self._vring(event.index)
-        vring.enabled = event.enable
+        self._vring(event.index)
         if not event.enable and self.state.active:
             # The driver is tearing its rings down and will reuse their memory: the
             # worker must not touch them again.
@@ -251,35 +282,56 @@ class VhostUserSession:
         if self.state.active or not self.state.regions \
                 or any(not r.kicked or r.call_fd < 0 or r.addr is None for r in rings):
             return
+        features = self.device.acked_features
         specs = []
         for ring in rings:
             config = QueueConfig(ring.num, user_to_guest(self.state.regions, ring.addr.desc),
                                  user_to_guest(self.state.regions, ring.addr.avail),
                                  user_to_guest(self.state.regions, ring.addr.used),
-                                 event_idx=bool(self.device.acked_features >> 29 & 1))
-            specs.append(QueueSpec(config, ring.kick_fd, ring.call_fd, ring.base))
+                                 event_idx=bool(features >> VIRTIO_F_EVENT_IDX & 1),
+                                 indirect=bool(features >> VIRTIO_F_INDIRECT_DESC & 1))
+            specs.append(QueueSpec(config, ring.kick_fd, ring.call_fd,
+                                   None if ring.resume else ring.base))
         self.device.activate(list(self.state.regions), specs)
+        for ring in rings:
+            ring.resume = False
         self.state.active = True
         log.info("device active: %d queues, %d MiB of guest memory, worker pid %s",
                  len(specs), sum(r.size for r in self.state.regions) >> 20,
                  getattr(self.device.worker, "pid", "?"))
 
-    def _stop(self) -> None:
-        """Stop the worker and remember where each ring stopped (the next base)."""
-        state = self.device.kill()
-        for name, index in zip(self.device.queue_names(), range(MAX_QUEUES)):
-            next_avail = state.get("next_avail", {}).get(name)
-            if next_avail is not None:
-                self.state.vrings[index].base = next_avail
+    def _stop(self, resume: bool = False) -> None:
+        """Stop the worker and remember where each ring stands (the next base).
+
+        Never raises: a worker that cannot be stopped gracefully is killed, and its rings
+        are then marked to resume from the used index in guest memory.
+        """
+        try:
+            state = self.device.kill()
+        except WorkerError as exc:
+            log.warning("stopping the worker: %s", exc)
+            state = {}
+        bases = state.get("ring_bases", {})
+        for name, ring in zip(self.device.queue_names(), self.state.vrings):
+            if name in bases:
+                ring.base = bases[name]
+            ring.resume = resume or name not in bases
         for ring in self.state.vrings:
             ring.kicked = False
         self.state.active = False
 
+    def _restart(self) -> None:
+        """Serve again after a change made while active (new fds, new memory table)."""
+        for ring in self.state.vrings:
+            ring.kicked = ring.kick_fd >= 0
+        self._maybe_activate()
+
     def reset(self) -> None:
         """Back to a freshly connected state; every fd this session holds is closed."""
-        if self.state.active:
-            self.device.kill()
-        self.device.reset()
+        try:
+            self.device.reset()
+        except WorkerError as exc:
+            log.warning("resetting the device: %s", exc)
         for ring in self.state.vrings:
             ring.close()
         self._close_regions()

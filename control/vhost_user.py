@@ -751,6 +751,11 @@ class Request:
     def _attached_fds(self) -> tuple[int, ...]:
         return ()
 
+    @property
+    def carried_fds(self) -> tuple[int, ...]:
+        """The fds this event carries (and its receiver owns)."""
+        return self._attached_fds()
+
     @classmethod
     def _decode(cls, frame: _Frame, max_queues: int) -> "Request":
         _expect_size(frame, 0)

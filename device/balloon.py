@@ -156,12 +156,11 @@ class BalloonQueues:
     ``on_error(queue_name, exc)`` hears about each of these.
     """
 
-    def __init__(self, memory: GuestMemory, features: int, queues: dict[str, SplitQueue],
+    def __init__(self, memory: GuestMemory, queues: dict[str, SplitQueue],
                  call_fds: dict[str, int], stats_interval: float = 0.0,
                  on_error: Callable[[str, GuestError], None] | None = None,
                  on_stats: Callable[[StatsSnapshot], None] | None = None) -> None:
         self.memory = memory
-        self.features = features
         self.queues = queues
         self.call_fds = call_fds
         self.releaser = PageReleaser(memory)
@@ -169,7 +168,6 @@ class BalloonQueues:
         self.stats = StatsSnapshot()
         self.stats_interval = stats_interval
         self._stats_head: int | None = None
-        self._stats_requested = False
         self._last_stats_request = time.monotonic()
         self._on_error = on_error or (lambda name, exc: None)
         self._on_stats = on_stats or (lambda snapshot: None)
@@ -297,8 +295,6 @@ class BalloonQueues:
         self.stats = StatsSnapshot(values, time.monotonic(), time.time())
         self.counters.stats_updates += 1
         self._on_stats(self.stats)
-        if self._stats_requested:
-            self._stats_requested = False
 
     def _report(self, queue: SplitQueue, chain: DescriptorChain) -> None:
         if chain.readable or not chain.writable or len(chain.writable) > MAX_REPORT_DESCRIPTORS:
@@ -325,7 +321,6 @@ class BalloonQueues:
             return False
         queue.add_used(self._stats_head, 0)
         self._stats_head = None
-        self._stats_requested = True
         self._notify(STATS_QUEUE, queue)
         return True
 
@@ -341,9 +336,13 @@ class BalloonQueues:
         if due is not None and due <= 0:
             self.request_stats()
 
-    def next_avail(self) -> dict[str, int]:
-        """Each queue's next avail index, what vhost-user's GET_VRING_BASE reports."""
-        return {name: q.next_avail for name, q in self.queues.items()}
+    def ring_bases(self) -> dict[str, int]:
+        """Where each queue restarts, what vhost-user's GET_VRING_BASE reports.
+
+        The used index, not the next avail one: a buffer taken but not returned (the
+        held stats buffer) must be taken again by whoever serves the ring next.
+        """
+        return {name: q.next_used for name, q in self.queues.items()}
 
 
 @functools.lru_cache(maxsize=64)
@@ -366,7 +365,9 @@ def build_queues(memory: GuestMemory, features: int, specs: list[QueueSpec]) -> 
         if spec.next_avail is None:
             queues[name] = SplitQueue.resume(memory, spec.config)
         else:
-            queues[name] = SplitQueue(memory, spec.config, spec.next_avail, spec.next_avail)
+            # The used ring continues from what is in memory (zero for a new ring).
+            used = memory.read_u16(spec.config.used_addr + 2)
+            queues[name] = SplitQueue(memory, spec.config, spec.next_avail, used)
     return queues
 
 
@@ -464,7 +465,7 @@ class Balloon(BalloonControl):
             raise
         self.memory = memory
         self.guest_pages = memory.size // PAGE_SIZE
-        self.queues = BalloonQueues(memory, self.acked_features, built,
+        self.queues = BalloonQueues(memory, built,
                                     {name: spec.call_fd for name, spec in zip(built, queues)},
                                     self.options.stats_interval, on_error=self._log_guest_error)
         self._kick_fds = {spec.kick_fd: name for name, spec in zip(built, queues)}

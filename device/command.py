@@ -5,7 +5,10 @@ bytes. Every message carries the protocol version ``v``, a ``type`` and a reques
 
     parent -> worker requests      activate, kill, config, stats, state, ping
     worker -> parent replies       reply  {id, ok: true, ...} | {id, ok: false, error: "..."}
-    worker -> parent events (id 0) stats, log, error, config_changed
+    worker -> parent events (id 0) stats_event, log, error
+
+``config`` carries the config space the parent serves (target and actual) to the worker,
+which reports it back in its state; the worker never changes config itself.
 
 ``decode`` validates every field against the schema below (type, range, size) and raises
 ``ProtocolError`` for anything else; the caller answers a bad request with an error reply
@@ -74,10 +77,9 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "stats_event": {"values": _STATS, "updated": Field(float, 0, None)},
     "log": {"level": _int(0, 100), "message": _TEXT},
     "error": {"queue": Field(str, 0, 32), "message": _TEXT},
-    "config_changed": {},
 }
 REQUESTS = frozenset({"activate", "kill", "config", "stats", "state", "ping"})
-EVENTS = frozenset({"stats_event", "log", "error", "config_changed"})
+EVENTS = frozenset({"stats_event", "log", "error"})
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,7 @@ class Worker:
             for fd in sorted({r.fd for r in regions}):
                 os.close(fd)
         self.memory = memory
-        self.queues = BalloonQueues(memory, body["features"], built,
+        self.queues = BalloonQueues(memory, built,
                                     {name: s.call_fd for name, s in zip(built, specs)},
                                     body["stats_interval"], self._on_guest_error, self._on_stats)
         self.kick_fds = {s.kick_fd: name for name, s in zip(built, specs)}
@@ -161,6 +161,9 @@ class Worker:
             # A guest that stops draining its call fd (a paused VM, a full socketpair)
             # must not block the worker: a pending interrupt is as good as a new one.
             os.set_blocking(spec.call_fd, False)
+        self.log.info("serving %s over %d MiB of guest memory%s", ", ".join(built),
+                      memory.size >> 20,
+                      " (resumed)" if any(s.next_avail is None for s in specs) else "")
         self.again = set(built)          # buffers may be waiting already (a restart)
         for name, spec in zip(built, specs):
             built[name].enable_notification()
@@ -188,8 +191,8 @@ class Worker:
 
     def _state(self) -> dict:
         if self.queues is None:
-            return {"active": False}
-        return {"active": True, "next_avail": self.queues.next_avail(),
+            return {"active": False, "config": self.config}
+        return {"active": True, "ring_bases": self.queues.ring_bases(), "config": self.config,
                 "counters": asdict(self.queues.counters),
                 "suppressed_errors": self.suppressed_errors}
 

@@ -99,7 +99,8 @@ def test_worker_answers_garbage_with_errors_and_keeps_serving():
     reply = decode(parent.recv(MAX_MESSAGE))
     assert (reply.id, reply.body["ok"]) == (8, True)
     parent.send(request("kill", 9))
-    assert decode(parent.recv(MAX_MESSAGE)).body == {"ok": True, "result": {"active": False}}
+    assert decode(parent.recv(MAX_MESSAGE)).body == {
+        "ok": True, "result": {"active": False, "config": {"num_pages": 0, "actual": 0}}}
     thread.join(5)
     assert not thread.is_alive()
     parent.close()

@@ -104,7 +104,7 @@ def test_kill_returns_state(proxied):
     proxy, driver = proxied
     driver.inflate(256)
     state = proxy.kill()
-    assert state["next_avail"]["inflate"] == 1
+    assert state["ring_bases"]["inflate"] == 1
     assert proxy.worker is None
 
 
