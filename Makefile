@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 setup: $(STAMP)
 
-$(GUEST): guest/prepare.sh guest/init
+# prepare.sh needs busybox-static, cpio and patchelf, which setup.sh installs.
+$(GUEST): guest/prepare.sh guest/init $(STAMP)
 	bash guest/prepare.sh .cache/guest
 
 guest: $(GUEST)

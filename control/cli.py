@@ -14,7 +14,7 @@ import sys
 import time
 
 from control.client import ControlClient
-from control.errors import ControlError
+from control.errors import ControlError, RequestError
 from device.balloon import BalloonOptions
 
 DEFAULT_CONTROL = "/run/vballoon.sock"
@@ -28,11 +28,18 @@ def parse_size(text: str) -> int:
     Raises ``ValueError`` with a readable message for anything else, negatives included.
     """
     match = _SIZE.match(text)
-    if not match or (match.group(3) and not match.group(2) and match.group(3).lower() == "ib"):
-        raise ValueError(f"bad size {text!r}: use bytes or a number with K, M, G or T "
+    if not match or len(text) > 64 or \
+            (match.group(3) and not match.group(2) and match.group(3).lower() == "ib"):
+        raise ValueError(f"bad size {text[:40]!r}: use bytes or a number with K, M, G or T "
                          f"(binary: 1G = 1GiB = 1073741824 bytes)")
     number, unit = match.group(1), match.group(2).lower()
-    return int(float(number) * _UNITS[unit]) if "." in number else int(number) * _UNITS[unit]
+    whole, _, fraction = number.partition(".")
+    # Exact arithmetic (no float): 1.5G is exactly 1610612736 bytes.
+    size = (int(whole) * 10 ** len(fraction) + int(fraction or 0)) * _UNITS[unit] \
+        // 10 ** len(fraction)
+    if size >= 2 ** 63:
+        raise ValueError(f"size {text[:40]!r} is too large")
+    return size
 
 
 def human(size: int | None) -> str:
@@ -91,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "serve":
         return _serve(args)
     try:
+        if args.verb == "set":
+            args.size = parse_size(args.size)        # a bad size is reported before connecting
         with ControlClient(args.control) as client:
             return _VERBS[args.verb](client, args)
     except (ControlError, TimeoutError, ValueError) as exc:
@@ -112,13 +121,16 @@ def _serve(args: argparse.Namespace) -> int:
                                free_page_reporting=args.free_page_reporting,
                                stats_interval=args.stats_interval),
         proxy=ProxyOptions(jail=not args.no_jail, seccomp_mode=args.seccomp))
-    serve(options)
+    try:
+        serve(options)
+    except RequestError as exc:
+        print(f"vballoon serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _set(client: ControlClient, args: argparse.Namespace) -> int:
-    size = parse_size(args.size)
-    status = client.request("set", size=size)
+    status = client.request("set", size=args.size)
     print(f"target {human(status['target_bytes'])}")
     if not args.wait:
         return 0

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from control import commands
 from control import vhost_user as vu
 from control.errors import RequestError
-from control.proxy import ProxyBalloon, ProxyOptions
-from control.vhost_backend import MAX_QUEUES, VhostUserSession
-from control.wire import FrameDecoder, FrameError, encode_frame
 from control.jailed import load_policy
+from control.proxy import ProxyBalloon, ProxyOptions
+from control.vhost_backend import MAX_QUEUES, FrontendGone, VhostUserSession
+from control.wire import FrameDecoder, FrameError, encode_frame
 from device.balloon import SECCOMP_POLICY, BalloonOptions
 
 log = logging.getLogger("vballoon.serve")
@@ -85,13 +85,27 @@ class Server:
         self.selector.register(self.vhost_listener, selectors.EVENT_READ, self._accept_frontend)
         self.control_listener = None
         if options.control_path:
-            self.control_listener = self._listen(options.control_path, backlog=16)
+            try:
+                self.control_listener = self._listen(options.control_path, backlog=16)
+            except (RequestError, OSError):
+                self.vhost_listener.close()
+                os.unlink(options.socket_path)
+                raise
             self.selector.register(self.control_listener, selectors.EVENT_READ, self._accept_client)
 
     @staticmethod
     def _listen(path: str, backlog: int) -> socket.socket:
+        """Listen on ``path``, replacing a stale socket file but never a live server's."""
         if os.path.exists(path):
-            os.unlink(path)
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)             # nothing answers: left over from a dead server
+            else:
+                raise RequestError(f"{path} is in use by a running server")
+            finally:
+                probe.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o077)          # owner-only from the moment it exists
         try:
@@ -217,7 +231,7 @@ class Server:
                 if reply is not None:
                     conn.sendall(reply)
                 self._watch_backend_req()
-        except vu.VhostUserError as exc:
+        except (vu.VhostUserError, FrontendGone) as exc:
             self._drop_frontend(f"vhost-user protocol error: {exc}")
         except OSError as exc:
             self._drop_frontend(f"send failed: {exc}")
@@ -267,6 +281,11 @@ class Server:
         except BlockingIOError:
             return
         if len(self.clients) >= MAX_CLIENTS:
+            try:
+                sock.send(encode_frame({"id": None, "ok": False,
+                                        "error": f"more than {MAX_CLIENTS} control clients"}))
+            except OSError:
+                pass                        # it is being refused either way
             sock.close()
             return
         sock.setblocking(False)

@@ -1,6 +1,6 @@
 """Page frame number compaction: a list of PFNs -> sorted, disjoint, merged ranges.
 
-Pure and property-tested (tests/test_pfn.py). Releasing one range costs about as much as
+Pure and property-tested (tests/test_properties.py). Releasing one range costs about as much as
 releasing one page, so merging the 256 PFNs of an inflate buffer into ranges is the
 difference between ~1 GiB/s and ~15 GiB/s (DESIGN.md).
 """
