@@ -18,10 +18,10 @@ from control.cli import main, parse_size
 from control.client import ControlClient
 from control.proxy import ProxyOptions
 from control.server import ServeOptions
-from control.wire import MAX_FRAME, FrameDecoder, encode_frame
-from device.balloon import BalloonOptions
-from tests.driver import MIB, wait_for
-from tests.frontend import ServerThread
+from control.wire import MAX_FRAME, FrameDecoder, FrameError, encode_frame
+from device.balloon import SECCOMP_POLICY, BalloonOptions
+from tests.driver import MIB, BalloonDriver, wait_for
+from tests.frontend import Frontend, ServerThread
 from tests.guest_rig import start_rig, stop_rig
 
 FIRECRACKER_STATS = ["swap_in", "swap_out", "major_faults", "minor_faults", "free_memory",
@@ -221,24 +221,51 @@ def test_huge_or_bad_msgpack_is_refused(idle_server, payload):
         assert other.request("status")["state"] == "waiting"
 
 
-@pytest.mark.parametrize("message", [
-    {"id": 1, "cmd": "explode"},
-    {"id": 1, "cmd": "set", "size": "1G"},
-    {"id": 1, "cmd": "set", "size": 1, "extra": True},
-    {"id": 1, "cmd": "adjust", "pages": 1.5},
-    {"id": 1, "cmd": "wait", "timeout": -1},
-    {"id": 1, "cmd": "stats", "refresh": "yes"},
+@pytest.fixture
+def active_server(tmp_path, ram):
+    """A server with a device activated by a Python front-end (no guest kernel needed)."""
+    options = ServeOptions(str(tmp_path / "vhost.sock"), str(tmp_path / "ctl.sock"),
+                           BalloonOptions(), ProxyOptions())
+    server = ServerThread(options)
+    frontend = Frontend(options.socket_path)
+    features = BalloonOptions().features()
+    driver = BalloonDriver(ram, ("inflate", "deflate", "stats"), features,
+                           write_config=frontend.write_config)
+    frontend.setup(ram, driver, features)
+    wait_for(lambda: server.server.device is not None and server.server.device.state == "active",
+             what="activation")
+    yield options.control_path
+    frontend.close()
+    server.stop()
+    driver.close()
+
+
+@pytest.mark.parametrize("message,error", [
+    ({"id": 1, "cmd": "explode"}, "unknown command"),
+    ({"id": 1, "cmd": "set", "size": "1G"}, "size must be"),
+    ({"id": 1, "cmd": "set", "size": -1}, "size must be"),
+    ({"id": 1, "cmd": "set", "size": 1 << 40}, "size must be"),
+    ({"id": 1, "cmd": "set", "size": 1, "extra": True}, "unknown arguments"),
+    ({"id": 1, "cmd": "adjust", "pages": 1.5}, "whole number"),
+    ({"id": 1, "cmd": "adjust", "pages": -1}, "below zero"),
+    ({"id": 1, "cmd": "wait", "timeout": -1}, "'timeout' must be"),
+    ({"id": 1, "cmd": "wait", "stall": "soon"}, "'stall' must be"),
+    ({"id": 1, "cmd": "stats", "refresh": "yes"}, "'refresh' must be"),
 ])
-def test_bad_requests_get_an_error_reply(idle_server, message):
-    sock = raw_client(idle_server)
+def test_bad_requests_get_an_error_reply_and_change_nothing(active_server, message, error):
+    with ControlClient(active_server) as client:
+        before = client.request("status")
+    sock = raw_client(active_server)
     sock.sendall(encode_frame(message))
     reply = read_reply(sock)
-    assert reply["ok"] is False and reply["id"] == 1 and reply["error"]
+    assert reply["ok"] is False and reply["id"] == 1 and error in reply["error"]
     sock.close()
+    with ControlClient(active_server) as client:
+        assert client.request("status") == before
 
 
 def test_oversized_request_cannot_be_sent():
-    with pytest.raises(Exception):
+    with pytest.raises(FrameError):
         encode_frame({"cmd": "x" * (MAX_FRAME + 1)})
 
 
@@ -261,3 +288,39 @@ def test_serve_listens_owner_only_and_stops_cleanly_on_sigterm(tmp_path):
             server.kill()
             server.wait()
         server.stderr.close()
+
+
+def test_serve_refuses_a_socket_path_a_live_server_holds(idle_server, tmp_path, capsys):
+    code, _, err = cli(capsys, "serve", "--socket", str(tmp_path / "other.sock"),
+                       "--control", idle_server)
+    assert code == 1 and "in use by a running server" in err
+    assert not (tmp_path / "other.sock").exists()
+    with ControlClient(idle_server) as client:                 # the live one is untouched
+        assert client.request("status")["state"] == "waiting"
+
+
+def test_seccomp_log_mode_reports_denials_in_status(tmp_path, ram):
+    policy = tmp_path / "no-madvise.policy"
+    policy.write_text("".join(line + "\n" for line in
+                              SECCOMP_POLICY.read_text().splitlines()
+                              if not line.startswith("madvise")))
+    options = ServeOptions(str(tmp_path / "v.sock"), str(tmp_path / "c.sock"), BalloonOptions(),
+                           ProxyOptions(seccomp_mode="log", policy=policy))
+    server = ServerThread(options)
+    frontend = Frontend(options.socket_path)
+    features = BalloonOptions().features()
+    driver = BalloonDriver(ram, ("inflate", "deflate", "stats"), features,
+                           write_config=frontend.write_config)
+    try:
+        frontend.setup(ram, driver, features)
+        ram.populate()
+        driver.inflate(256)                       # madvise(MADV_REMOVE): allowed, reported
+        assert ram.host_bytes() == ram.size - MIB
+        with ControlClient(options.control_path) as client:
+            denials = wait_for(lambda: client.request("status")["seccomp_denials"],
+                               what="the denial to be reported")
+        assert denials == {"madvise": 1}
+    finally:
+        frontend.close()
+        server.stop()
+        driver.close()

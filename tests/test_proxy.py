@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import struct
 
 import msgpack
 import pytest
@@ -146,27 +147,27 @@ def jailed(ram):
 
 
 def test_kill_9_mid_inflation_loses_nothing(ram, jailed):
-    """SIGKILL the worker while buffers are in flight: the inflation completes, every buffer
-    comes back exactly once, actual reaches the target, and the restart is counted."""
+    """Half the inflation done, the other half in flight when the worker is SIGKILLed:
+    the inflation completes, every buffer comes back exactly once, actual reaches the
+    target, and the restart is counted."""
     proxy, driver = jailed
     ram.populate()
     pages = 32 * MIB // PAGE
     proxy.set_target_pages(pages)
+    driver.inflate(pages // 2, batch=16)                  # the first half, acknowledged
     inflate = driver.queues["inflate"]
-    pfns = driver.take_pages(pages)
-    chunks = [pfns[i:i + 256] for i in range(0, pages, 256)]
+    pfns = driver.take_pages(pages // 2)
     heads = []
-    assert len(chunks) == 32
-    for k, chunk in enumerate(chunks):                 # all 32 buffers in flight at once
+    for k in range(16):                                   # the second half, in flight
         addr = inflate.scratch + k * 1024
-        ram.map[addr:addr + 1024] = b"".join(p.to_bytes(4, "little") for p in chunk)
+        struct.pack_into("<256I", ram.map, addr, *pfns[k * 256:(k + 1) * 256])
         heads.append(inflate.add([(addr, 1024)]))
     victim = proxy.worker.pid
     inflate.kick()
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: proxy.restarts == 1 and proxy.state == ACTIVE, what="a replacement worker")
     inflate.kick()
-    used = driver.wait_used("inflate", 32)
+    used = driver.wait_used("inflate", 16)
     assert sorted(head for head, _ in used) == sorted(heads)          # each exactly once
     assert inflate.take_used() == []
     driver.balloon += pfns
@@ -174,19 +175,49 @@ def test_kill_9_mid_inflation_loses_nothing(ram, jailed):
     assert proxy.wait_settled(timeout=1).outcome == "settled"
     assert ram.host_bytes() == ram.size - 32 * MIB
     assert proxy.worker.pid != victim
-    assert "SIGKILL" in proxy.last_exit
+    assert proxy.last_exit == "killed by signal SIGKILL"
 
 
-def test_worker_that_dies_on_every_start_is_reported_failed(ram, tmp_path):
+def test_worker_that_cannot_start_is_reported_and_negotiation_kept(ram, tmp_path):
     # A policy without poll(): the worker is killed by seccomp as soon as it waits.
     policy = tmp_path / "no-poll.policy"
-    policy.write_text("".join(line + "\n" for line in
-                      (SECCOMP_POLICY.read_text().splitlines())
-                      if not line.startswith("poll")))
-    proxy, driver = make_proxy(ram, True, policy=policy, max_restarts=3, restart_window=60)
-    with pytest.raises(WorkerError):
+    policy.write_text("".join(line + "\n" for line in SECCOMP_POLICY.read_text().splitlines()
+                              if not line.startswith("poll")))
+    proxy, driver = make_proxy(ram, True, policy=policy)
+    acked = proxy.acked_features
+    with pytest.raises(WorkerError, match="killed by seccomp"):
         proxy.activate([ram.region()], driver.specs())
+    assert proxy.worker is None and proxy.state == "idle"
+    assert proxy.acked_features == acked                 # a retry needs no renegotiation
+    driver.close()
+
+
+def test_crash_loop_ends_failed_and_the_device_can_start_again(ram, tmp_path):
+    """A worker that dies on every start: one that cannot release pages (madvise denied)
+    dies at the first inflate buffer, and each replacement takes the same buffer again."""
+    policy = tmp_path / "no-madvise.policy"
+    policy.write_text("".join(line + "\n" for line in SECCOMP_POLICY.read_text().splitlines()
+                              if not line.startswith("madvise")))
+    proxy, driver = make_proxy(ram, True, policy=policy, max_restarts=3, restart_window=60)
+    proxy.activate([ram.region()], driver.specs())
+    ram.populate()
+    queue = driver.queues["inflate"]
+    pfns = driver.take_pages(256)
+    struct.pack_into("<256I", ram.map, queue.scratch, *pfns)
+    queue.add([(queue.scratch, 1024)])
+    queue.kick()
+    wait_for(lambda: proxy.state == FAILED, timeout=15, what="the failed state")
+    assert proxy.restarts == 3
+    assert proxy.last_exit == "killed by seccomp (SIGSYS)"
     assert proxy.worker is None
+    # An operator (or the VMM's reset) can try again: the state is not stuck.
+    proxy.kill()
+    proxy.proxy = ProxyOptions(jail=True)
+    proxy.activate([ram.region()], driver.specs())
+    used = driver.wait_used("inflate", 1)                # the good worker serves it
+    assert used[0][0] == 0
+    assert ram.host_bytes() == ram.size - MIB
+    proxy.reset()
     driver.close()
 
 

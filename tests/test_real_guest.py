@@ -100,8 +100,7 @@ def test_worker_killed_mid_inflation_is_replaced_unnoticed(rig):
     rig.control.request("set", size=target)
     killed = set()
     for _ in range(3):
-        pid = wait_for(lambda: device.worker and device.state == "active" and device.worker.pid
-                       not in killed and device.worker.pid, what="a live worker")
+        pid = wait_for(lambda: _live_worker_pid(device, killed), what="a live worker")
         os.kill(pid, signal.SIGKILL)
         killed.add(pid)
         # The operator's door stays open while the worker is replaced.
@@ -179,6 +178,13 @@ def test_live_worker_holds_exactly_its_fds_and_is_jailed(rig):
         assert int(status[cap], 16) == 0
     for ns in ("pid", "net", "mnt", "ipc", "uts"):
         assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
+
+
+def _live_worker_pid(device, killed: set[int]) -> int | None:
+    worker = device.worker              # read once: the supervisor may clear it meanwhile
+    if worker is None or device.state != "active" or worker.pid in killed:
+        return None
+    return worker.pid
 
 
 def _inode(path: str) -> tuple[int, int]:

@@ -62,3 +62,33 @@ def test_bad_config_write_is_refused_and_changes_nothing(served):
     _, frontend, _, _ = served
     assert not frontend.ack(vu.SetConfig(0, b"\1\0\0\0", need_reply=True))
     assert frontend.num_pages() == 0
+
+
+def _open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def test_failed_requests_with_reply_bodies_keep_the_connection(served):
+    server, frontend, driver, options = served
+    # Ring 4 exists in the codec's range but not among the negotiated queues.
+    reply = frontend.call(vu.GetVringBase(4))
+    assert reply.index == 4
+    assert frontend.call(vu.GetMaxMemSlots()).value == 0
+    assert frontend.num_pages() == 0                     # still connected and serving
+    assert server.server.conn is not None
+
+
+def test_fds_of_refused_requests_are_closed(served, tmp_path):
+    server, frontend, driver, options = served
+    before = _open_fds()
+    for _ in range(5):
+        r, w = os.pipe()
+        assert not frontend.ack(vu.SetBackendReqFd(r, need_reply=True))   # not a socket
+        os.close(r)
+        os.close(w)
+        memfd = os.memfd_create("extra")
+        assert not frontend.ack(vu.AddMemReg(vu.MemRegion(1 << 40, 4096, 1 << 40, 0), memfd,
+                                             need_reply=True))
+        os.close(memfd)
+    # The server runs in this process: none of the 10 received fds may still be open.
+    wait_for(lambda: _open_fds() <= before, what="the refused fds to be closed")
