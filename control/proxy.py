@@ -73,6 +73,28 @@ class SettleResult:
 
 
 @dataclass
+class SettleWatch:
+    """Decides when a wait for ``actual == target`` is over, and how. Pure: fed readings."""
+
+    deadline: float
+    stall: float
+    last_actual: int
+    last_move: float
+
+    def check(self, actual: int, target: int, now: float) -> str | None:
+        """"settled", "stalled" (``actual`` still for ``stall`` s), "timeout", or None."""
+        if actual != self.last_actual:
+            self.last_actual, self.last_move = actual, now
+        if actual == target:
+            return "settled"
+        if now - self.last_move >= self.stall:
+            return "stalled"
+        if now >= self.deadline:
+            return "timeout"
+        return None
+
+
+@dataclass
 class _Pending:
     done: threading.Event = field(default_factory=threading.Event)
     reply: dict | None = None
@@ -190,43 +212,34 @@ class ProxyBalloon(BalloonControl):
     # -- host API for the balloon size -------------------------------------------------------
 
     def set_target_bytes(self, size: int) -> int:
-        """Target ``size`` bytes (rounded down to pages); returns the target in pages."""
-        if type(size) is not int or size < 0:
-            raise RequestError(f"a balloon size must be a non-negative number of bytes, not {size!r}")
-        self.set_target_pages(size // PAGE_SIZE)
-        return size // PAGE_SIZE
+        try:
+            return super().set_target_bytes(size)
+        except InvalidTarget as exc:
+            raise RequestError(str(exc)) from exc
 
     def adjust_pages(self, delta: int) -> int:
-        """Move the target by ``delta`` pages (the seed's command), checked; returns it."""
-        if type(delta) is not int:
-            raise RequestError(f"an adjustment must be a whole number of pages, not {delta!r}")
-        target = self.config.num_pages + delta
-        if target < 0:
-            raise RequestError(f"adjusting {self.config.num_pages} pages by {delta} goes below zero")
-        self.set_target_pages(target)
-        return target
+        try:
+            return super().adjust_pages(delta)
+        except InvalidTarget as exc:
+            raise RequestError(str(exc)) from exc
 
     def wait_settled(self, timeout: float, stall: float = 5.0,
                      progress: Callable[[int, int], None] | None = None) -> SettleResult:
         """Wait until ``actual == target``, or ``actual`` has not moved for ``stall`` seconds
         (the guest stopped making progress), or ``timeout``; says which."""
-        deadline = time.monotonic() + timeout
+        now = time.monotonic()
+        watch = SettleWatch(now + timeout, stall, self.config.actual, now)
         with self._lock:
-            last, moved = self.config.actual, time.monotonic()
             while True:
                 target, actual = self.config.num_pages, self.config.actual
                 if progress:
                     progress(actual, target)
-                if actual == target:
-                    return SettleResult("settled", target, actual)
                 now = time.monotonic()
-                if actual != last:
-                    last, moved = actual, now
-                if now - moved >= stall:
-                    return SettleResult("stalled", target, actual)
-                if now >= deadline:
-                    return SettleResult("timeout", target, actual)
-                self._settle.wait(min(deadline - now, moved + stall - now, 0.2))
+                outcome = watch.check(actual, target, now)
+                if outcome is not None:
+                    return SettleResult(outcome, target, actual)
+                self._settle.wait(min(watch.deadline - now,
+                                      watch.last_move + stall - now, 0.2))
 
     def request_stats(self, wait: bool = True) -> bool:
         """Ask the worker to hand the stats buffer back so the guest refreshes it.

@@ -24,7 +24,7 @@ from control import commands
 from control import vhost_user as vu
 from control.errors import RequestError
 from control.jailed import load_policy
-from control.proxy import ProxyBalloon, ProxyOptions
+from control.proxy import ProxyBalloon, ProxyOptions, SettleWatch
 from control.vhost_backend import MAX_QUEUES, FrontendGone, VhostUserSession
 from control.wire import FrameDecoder, FrameError, encode_frame
 from device.balloon import SECCOMP_POLICY, BalloonOptions
@@ -55,10 +55,7 @@ class Client:
 class Waiter:
     client: Client
     ident: object
-    deadline: float
-    stall: float
-    last_actual: int
-    last_move: float
+    watch: SettleWatch
 
 
 class Server:
@@ -324,8 +321,8 @@ class Server:
             return
         if isinstance(result, commands.WaitRequest):
             now = time.monotonic()
-            self.waiters.append(Waiter(client, ident, now + result.timeout, result.stall,
-                                       self.device.config.actual, now))
+            watch = SettleWatch(now + result.timeout, result.stall, self.device.config.actual, now)
+            self.waiters.append(Waiter(client, ident, watch))
             self._check_waiters()
             return
         self._reply(client, {"id": ident, "ok": True, **result})
@@ -333,19 +330,11 @@ class Server:
     def _check_waiters(self) -> None:
         now = time.monotonic()
         for waiter in list(self.waiters):
-            outcome = None
             if self.device is None:
                 outcome = "disconnected"
             else:
                 config = self.device.config
-                if config.actual != waiter.last_actual:
-                    waiter.last_actual, waiter.last_move = config.actual, now
-                if config.actual == config.num_pages:
-                    outcome = "settled"
-                elif now - waiter.last_move >= waiter.stall:
-                    outcome = "stalled"
-                elif now >= waiter.deadline:
-                    outcome = "timeout"
+                outcome = waiter.watch.check(config.actual, config.num_pages, now)
             if outcome is not None:
                 self.waiters.remove(waiter)
                 body = commands.status(self.device)

@@ -427,6 +427,25 @@ class BalloonControl:
         if changed:
             self.on_config_change()
 
+    def set_target_bytes(self, size: int) -> int:
+        """Target ``size`` bytes (rounded down to pages); returns the target in pages."""
+        if type(size) is not int or size < 0:
+            raise InvalidTarget(f"a balloon size must be a non-negative number of bytes, "
+                                f"not {size!r}")
+        self.set_target_pages(size // PAGE_SIZE)
+        return size // PAGE_SIZE
+
+    def adjust_pages(self, delta: int) -> int:
+        """Move the target by ``delta`` pages (the seed's command), checked; returns it."""
+        if type(delta) is not int:
+            raise InvalidTarget(f"an adjustment must be a whole number of pages, not {delta!r}")
+        target = self.config.num_pages + delta
+        if target < 0:
+            raise InvalidTarget(f"adjusting {self.config.num_pages} pages by {delta} goes "
+                                f"below zero")
+        self.set_target_pages(target)
+        return target
+
     def snapshot(self) -> dict:
         """The state that survives a worker restart or a migration (plain data)."""
         return {"acked_features": self.acked_features, "config": asdict(self.config)}

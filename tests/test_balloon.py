@@ -98,7 +98,12 @@ def test_target_raises_config_change_and_is_bounded(ram, inprocess):
         balloon.set_target_pages(ram.size // PAGE + 1)
     with pytest.raises(InvalidTarget):
         balloon.set_target_pages(-1)
+    with pytest.raises(InvalidTarget):
+        balloon.adjust_pages(-101)
+    with pytest.raises(InvalidTarget):
+        balloon.set_target_bytes(-4096)
     assert balloon.config.num_pages == 100
+    assert balloon.set_target_bytes(8192 + 100) == 2
 
 
 def test_driver_may_write_only_actual(inprocess):
