@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -49,7 +50,15 @@ class MemoryRegion:
     @classmethod
     def from_fd(cls, fd: int, guest_addr: int, size: int, file_offset: int = 0,
                 user_addr: int | None = None) -> "MemoryRegion":
-        """Describe a region, reading the backing page size from the file system of ``fd``."""
+        """Describe a region, reading the backing page size from the file system of ``fd``.
+
+        Raises ``InvalidMemoryTable`` if ``fd`` is a file shorter than the region: mapping
+        past its end would SIGBUS whoever touches those pages.
+        """
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_size < file_offset + size:
+            raise InvalidMemoryTable(f"region of {size:#x} bytes at file offset {file_offset:#x} "
+                                     f"runs past the end of its {st.st_size:#x}-byte file")
         page_size = max(SMALL_PAGE, os.fstatvfs(fd).f_bsize)
         return cls(guest_addr, size, fd, file_offset, user_addr, page_size)
 

@@ -38,3 +38,11 @@ def test_two_regions_translate_and_bound_every_access(ram):
                 memory.read(addr, length)
         with pytest.raises(AddressOutOfRange):
             memory.user_to_guest(0x8000_0000)
+
+
+def test_region_longer_than_its_file_is_refused(ram):
+    with pytest.raises(InvalidMemoryTable, match="past the end"):
+        MemoryRegion.from_fd(ram.fd, 0, ram.size + 4096)
+    with pytest.raises(InvalidMemoryTable, match="past the end"):
+        MemoryRegion.from_fd(ram.fd, 0, ram.size, file_offset=4096)
+    assert MemoryRegion.from_fd(ram.fd, 0, ram.size).size == ram.size
