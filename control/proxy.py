@@ -24,7 +24,6 @@ harmless.
 from __future__ import annotations
 
 import logging
-import os
 import select
 import socket
 import threading
@@ -338,10 +337,10 @@ class ProxyBalloon(BalloonControl):
         ident, pending = self._register()
         try:
             parent_end.send(request("activate", ident, **self._activate_body(activation, resume)))
-        except OSError as exc:
+        except OSError as exc:             # it died before we could even ask
             self._pending.pop(ident, None)
             self._end_worker()
-            raise WorkerError(f"the worker is gone before activation: {exc}") from exc
+            raise WorkerError(f"the worker failed to activate: {worker.describe_exit()}") from exc
         deadline = time.monotonic() + self.proxy.request_timeout
         while not pending.done.is_set():
             left = deadline - time.monotonic()

@@ -24,7 +24,7 @@ import logging
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from device.config import BalloonConfig, U32_MAX

@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from device.errors import (AddressOutOfRange, AvailIndexJump, DescriptorIndexOutOfRange,
+from device.errors import (AvailIndexJump, DescriptorIndexOutOfRange,
                            DescriptorLoop, GuestError, InvalidIndirect, InvalidQueueConfig,
                            MisalignedAddress, NestedIndirect, ReadableAfterWritable)
 from device.memory import GuestMemory

@@ -24,7 +24,7 @@ from device.balloon import (DEFLATE_QUEUE, INFLATE_QUEUE, REPORTING_QUEUE, STATS
                             QueueSpec, VIRTIO_F_EVENT_IDX)
 from device.config import ACTUAL_OFFSET
 from device.memory import MemoryRegion
-from device.virtqueue import (DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
+from device.virtqueue import (DESC, VIRTQ_DESC_F_NEXT,
                               VIRTQ_DESC_F_WRITE, QueueConfig)
 
 PAGE = 4096

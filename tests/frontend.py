@@ -3,12 +3,17 @@ unix socket with real fds, and the fake driver's rings in real memfd guest memor
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 from control import vhost_user as vu
+from control.proxy import ProxyOptions
 from control.server import Server, ServeOptions
+from device.balloon import BalloonOptions, queue_layout
 from tests.driver import BalloonDriver, GuestRam
 
 
@@ -107,3 +112,25 @@ class ServerThread:
         self.server.stop()
         self.thread.join(10)
         assert not self.thread.is_alive()
+
+
+@contextlib.contextmanager
+def served_device(tmp_path: Path, ram: GuestRam, balloon: BalloonOptions = BalloonOptions(),
+                  proxy: ProxyOptions = ProxyOptions()
+                  ) -> Iterator[tuple[ServerThread, Frontend, BalloonDriver, ServeOptions]]:
+    """``serve`` in a thread, a Python front-end that negotiated every offered feature and
+    set up the fake driver's rings, so the device is active: no guest kernel needed."""
+    options = ServeOptions(str(tmp_path / "vhost.sock"), str(tmp_path / "control.sock"),
+                           balloon, proxy)
+    server = ServerThread(options)
+    frontend = Frontend(options.socket_path)
+    features = balloon.features()
+    driver = BalloonDriver(ram, queue_layout(features), features,
+                           write_config=frontend.write_config)
+    try:
+        frontend.setup(ram, driver, features)
+        yield server, frontend, driver, options
+    finally:
+        frontend.close()
+        server.stop()
+        driver.close()

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from device.balloon import (INFLATE_QUEUE, REPORTING_QUEUE, STATS_QUEUE, Balloon,
+from device.balloon import (STATS_QUEUE, Balloon,
                             BalloonOptions, VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
                             VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_REPORTING,
                             VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_F_VERSION_1, queue_layout)

@@ -10,7 +10,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -20,8 +19,8 @@ from control.proxy import ProxyOptions
 from control.server import ServeOptions
 from control.wire import MAX_FRAME, FrameDecoder, FrameError, encode_frame
 from device.balloon import SECCOMP_POLICY, BalloonOptions
-from tests.driver import MIB, BalloonDriver, wait_for
-from tests.frontend import Frontend, ServerThread
+from tests.driver import MIB, wait_for
+from tests.frontend import ServerThread, served_device
 from tests.guest_rig import start_rig, stop_rig
 
 FIRECRACKER_STATS = ["swap_in", "swap_out", "major_faults", "minor_faults", "free_memory",
@@ -224,20 +223,9 @@ def test_huge_or_bad_msgpack_is_refused(idle_server, payload):
 @pytest.fixture
 def active_server(tmp_path, ram):
     """A server with a device activated by a Python front-end (no guest kernel needed)."""
-    options = ServeOptions(str(tmp_path / "vhost.sock"), str(tmp_path / "ctl.sock"),
-                           BalloonOptions(), ProxyOptions())
-    server = ServerThread(options)
-    frontend = Frontend(options.socket_path)
-    features = BalloonOptions().features()
-    driver = BalloonDriver(ram, ("inflate", "deflate", "stats"), features,
-                           write_config=frontend.write_config)
-    frontend.setup(ram, driver, features)
-    wait_for(lambda: server.server.device is not None and server.server.device.state == "active",
-             what="activation")
-    yield options.control_path
-    frontend.close()
-    server.stop()
-    driver.close()
+    with served_device(tmp_path, ram) as (server, _, _, options):
+        wait_for(lambda: server.server.device.state == "active", what="activation")
+        yield options.control_path
 
 
 @pytest.mark.parametrize("message,error", [
@@ -304,15 +292,8 @@ def test_seccomp_log_mode_reports_denials_in_status(tmp_path, ram):
     policy.write_text("".join(line + "\n" for line in
                               SECCOMP_POLICY.read_text().splitlines()
                               if not line.startswith("madvise")))
-    options = ServeOptions(str(tmp_path / "v.sock"), str(tmp_path / "c.sock"), BalloonOptions(),
-                           ProxyOptions(seccomp_mode="log", policy=policy))
-    server = ServerThread(options)
-    frontend = Frontend(options.socket_path)
-    features = BalloonOptions().features()
-    driver = BalloonDriver(ram, ("inflate", "deflate", "stats"), features,
-                           write_config=frontend.write_config)
-    try:
-        frontend.setup(ram, driver, features)
+    with served_device(tmp_path, ram, proxy=ProxyOptions(seccomp_mode="log", policy=policy)) \
+            as (_, _, driver, options):
         ram.populate()
         driver.inflate(256)                       # madvise(MADV_REMOVE): allowed, reported
         assert ram.host_bytes() == ram.size - MIB
@@ -320,7 +301,3 @@ def test_seccomp_log_mode_reports_denials_in_status(tmp_path, ram):
             denials = wait_for(lambda: client.request("status")["seccomp_denials"],
                                what="the denial to be reported")
         assert denials == {"madvise": 1}
-    finally:
-        frontend.close()
-        server.stop()
-        driver.close()

@@ -6,7 +6,7 @@ import pytest
 
 from device.errors import AddressOutOfRange, InvalidMemoryTable
 from device.memory import GuestMemory, MemoryRegion
-from tests.driver import MIB, GuestRam
+from tests.driver import MIB
 
 
 @pytest.mark.parametrize("regions", [

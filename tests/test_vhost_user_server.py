@@ -3,35 +3,20 @@
 from __future__ import annotations
 
 import os
-import struct
 
 import pytest
 
 from control import vhost_user as vu
 from control.client import ControlClient
-from control.errors import RequestError
 from control.proxy import ProxyOptions
-from control.server import ServeOptions
-from device.balloon import BalloonOptions
-from device.config import ACTUAL_OFFSET
-from tests.driver import MIB, PAGE, BalloonDriver, GuestRam, wait_for
-from tests.frontend import Frontend, ServerThread
+from tests.driver import MIB, PAGE, wait_for
+from tests.frontend import served_device
 
 
 @pytest.fixture(params=[False, True], ids=["thread", "jailed"])
 def served(request, tmp_path, ram):
-    options = ServeOptions(str(tmp_path / "vhost.sock"), str(tmp_path / "control.sock"),
-                           BalloonOptions(), ProxyOptions(jail=request.param))
-    server = ServerThread(options)
-    frontend = Frontend(options.socket_path)
-    features = BalloonOptions().features()
-    driver = BalloonDriver(ram, ("inflate", "deflate", "stats"), features,
-                           write_config=frontend.write_config)
-    frontend.setup(ram, driver, features)
-    yield server, frontend, driver, options
-    frontend.close()
-    server.stop()
-    driver.close()
+    with served_device(tmp_path, ram, proxy=ProxyOptions(jail=request.param)) as rig:
+        yield rig
 
 
 def test_operator_target_reaches_the_guest_and_memory_is_freed(ram, served):
