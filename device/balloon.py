@@ -251,28 +251,33 @@ class BalloonQueues:
         return ranges
 
     def _inflate(self, queue: SplitQueue, chain: DescriptorChain) -> None:
-        try:
-            ranges = self._pfn_ranges(chain)
-        except GuestError as exc:
-            self._reject(INFLATE_QUEUE, queue, chain.head, exc)
-            return
-        self.releaser.release_pfns(ranges)
-        self.counters.inflate_buffers += 1
-        self.counters.inflated_pages += sum(count for _, count in ranges)
-        self._sync_release_counters()
-        queue.add_used(chain.head, 0)
+        ranges = self._take_pfns(INFLATE_QUEUE, queue, chain)
+        if ranges is not None:
+            self.releaser.release_pfns(ranges)
+            self.counters.inflate_buffers += 1
+            self.counters.inflated_pages += sum(count for _, count in ranges)
+            self._done_with_pfns(queue, chain)
 
     def _deflate(self, queue: SplitQueue, chain: DescriptorChain) -> None:
         # Nothing to do for the host: a deflated page is faulted back in when the guest
         # touches it. Returning the buffer is the acknowledgement MUST_TELL_HOST waits for.
+        ranges = self._take_pfns(DEFLATE_QUEUE, queue, chain)
+        if ranges is not None:
+            self.releaser.reclaim_pfns(ranges)
+            self.counters.deflate_buffers += 1
+            self.counters.deflated_pages += sum(count for _, count in ranges)
+            self._done_with_pfns(queue, chain)
+
+    def _take_pfns(self, name: str, queue: SplitQueue,
+                   chain: DescriptorChain) -> list[tuple[int, int]] | None:
+        """The chain's PFNs as ranges, or None after rejecting a malformed buffer."""
         try:
-            ranges = self._pfn_ranges(chain)
+            return self._pfn_ranges(chain)
         except GuestError as exc:
-            self._reject(DEFLATE_QUEUE, queue, chain.head, exc)
-            return
-        self.releaser.reclaim_pfns(ranges)
-        self.counters.deflate_buffers += 1
-        self.counters.deflated_pages += sum(count for _, count in ranges)
+            self._reject(name, queue, chain.head, exc)
+            return None
+
+    def _done_with_pfns(self, queue: SplitQueue, chain: DescriptorChain) -> None:
         self._sync_release_counters()
         queue.add_used(chain.head, 0)
 
