@@ -307,7 +307,7 @@ class BalloonQueues:
                          BadBufferLayout("a report must be 1-64 device-writable descriptors"))
             return
         for desc in chain.writable:
-            self.releaser.release_bytes(desc.addr, desc.length)
+            self.releaser.release_report(desc.addr, desc.length)
             self.counters.reported_bytes += desc.length
         self._sync_release_counters()
         queue.add_used(chain.head, 0)

@@ -195,8 +195,9 @@ def test_unaligned_range_across_a_huge_page_boundary_frees_only_whole_pages(ram)
         assert releaser.counters.pending_pages == 128      # 512..639 wait for page 1
 
 
-def test_real_hugetlbfs_memory_is_released(tmp_path):
-    """On a real hugetlbfs memfd, whole 2 MiB pages go back to the host."""
+@pytest.fixture
+def hugetlb_fd():
+    """A real 16 MiB hugetlbfs memfd, filled with 0x01 (skipped where the machine has none)."""
     try:
         fd = os.memfd_create("huge", os.MFD_HUGETLB | os.MFD_CLOEXEC)
     except OSError as exc:
@@ -211,24 +212,43 @@ def test_real_hugetlbfs_memory_is_released(tmp_path):
         pytest.skip(f"cannot reserve huge pages: {exc}")
     try:
         fd = os.memfd_create("huge", os.MFD_HUGETLB | os.MFD_CLOEXEC)
-        size = 16 * MIB
-        os.ftruncate(fd, size)
-        m = mmap.mmap(fd, size)
-        m[:] = b"\x01" * size
-        region = MemoryRegion.from_fd(fd, 0, size)
-        assert region.page_size == 2 * MIB
-        with GuestMemory([region]) as memory:
-            releaser = PageReleaser(memory)
-            free_before = _huge_free()
-            releaser.release_pfns([(0, 256)])        # half a huge page: nothing yet
-            assert _huge_free() == free_before
-            releaser.release_pfns([(256, 256 + 512)])  # completes page 0 and all of page 1
-            assert _huge_free() == free_before + 2
-        m.close()
+        os.ftruncate(fd, 16 * MIB)
+        with mmap.mmap(fd, 16 * MIB) as m:
+            m[:] = b"\x01" * (16 * MIB)
+        yield fd
         os.close(fd)
     finally:
         with open(nr, "w") as f:
             f.write(old)
+
+
+def test_real_hugetlbfs_memory_is_released(hugetlb_fd):
+    """On a real hugetlbfs memfd, whole 2 MiB pages go back to the host."""
+    region = MemoryRegion.from_fd(hugetlb_fd, 0, 16 * MIB)
+    assert region.page_size == 2 * MIB
+    with GuestMemory([region]) as memory:
+        releaser = PageReleaser(memory)
+        free_before = _huge_free()
+        releaser.release_pfns([(0, 256)])        # half a huge page: nothing yet
+        assert _huge_free() == free_before
+        releaser.release_pfns([(256, 256 + 512)])  # completes page 0 and all of page 1
+        assert _huge_free() == free_before + 2
+
+
+def test_real_hugetlbfs_report_then_inflate_keeps_guest_data(hugetlb_fd):
+    """Issue 10.2 on real hugetlbfs: a reported half huge page, reused by the guest, is not
+    punched when the other half is inflated."""
+    region = MemoryRegion.from_fd(hugetlb_fd, 0, 16 * MIB)
+    with GuestMemory([region]) as memory, mmap.mmap(hugetlb_fd, 16 * MIB) as view:
+        releaser = PageReleaser(memory)
+        free_before = _huge_free()
+        releaser.release_report(0, MIB)            # half of huge page 0: nothing freed
+        view[0:PAGE] = b"\xcd" * PAGE              # the guest reuses it
+        releaser.release_pfns([(256, 256)])        # the other half, inflated
+        assert view[0:PAGE] == b"\xcd" * PAGE
+        assert _huge_free() == free_before
+        releaser.release_report(2 * MIB, 3 * MIB)  # huge page 1 whole, half of page 2
+        assert _huge_free() == free_before + 1
 
 
 def _huge_free() -> int:
@@ -236,3 +256,55 @@ def _huge_free() -> int:
         if line.startswith("HugePages_Free:"):
             return int(line.split()[1])
     raise AssertionError("no HugePages_Free in /proc/meminfo")
+
+
+def _huge_reporting_balloon(ram, page_size: int):
+    balloon = Balloon(BalloonOptions(free_page_reporting=True))
+    balloon.ack_features(balloon.device_features)
+    driver = BalloonDriver(ram, balloon.queue_names(), balloon.acked_features,
+                           balloon.write_config, balloon.process_queue)
+    balloon.activate([MemoryRegion(0, ram.size, ram.fd, page_size=page_size)], driver.specs())
+    return balloon, driver
+
+
+def test_report_on_huge_pages_never_releases_a_page_the_guest_reuses(ram):
+    """Regression (issue 10.2): a report of half a huge page used to be remembered; after
+    the guest reused those pages, inflating the other half punched the whole huge page and
+    zeroed what the guest had written."""
+    balloon, driver = _huge_reporting_balloon(ram, 2 * MIB)
+    ram.populate()
+    top = ram.size - 2 * MIB                        # the driver inflates from the top down
+    driver.report([(top, MIB)])                     # the lower half of the top huge page
+    assert ram.host_bytes() == ram.size             # half a huge page frees nothing
+    assert balloon.queues.counters.pending_pages == 0
+    ram.map[top:top + PAGE] = b"\xab" * PAGE        # the guest reuses a reported page
+    driver.inflate(256)                             # the upper half of the same huge page
+    assert ram.map[top:top + PAGE] == b"\xab" * PAGE
+    assert ram.host_bytes() == ram.size
+    assert balloon.queues.counters.pending_pages == 256
+    balloon.reset()
+    driver.close()
+
+
+def test_report_releases_only_whole_huge_pages_inside_it(ram):
+    balloon, driver = _huge_reporting_balloon(ram, 2 * MIB)
+    ram.populate()
+    driver.report([(MIB, 4 * MIB)])                 # 1 MiB .. 5 MiB: only 2..4 MiB is whole
+    assert ram.host_bytes() == ram.size - 2 * MIB
+    assert balloon.queues.counters.pending_pages == 0
+    driver.report([(0, MIB)])                       # the rest of huge page 0, reported later
+    assert ram.host_bytes() == ram.size - 2 * MIB   # still holds what huge page 0 held
+    balloon.reset()
+    driver.close()
+
+
+def test_huge_page_collection_is_a_bounded_bitmap(ram):
+    """Scattered inflates on 1 GiB-declared pages cost a bitmap, not a set of PFNs."""
+    with GuestMemory([MemoryRegion(0, ram.size, ram.fd, page_size=ram.size)]) as memory:
+        releaser = PageReleaser(memory)
+        releaser.release_pfns([(pfn, 1) for pfn in range(0, ram.size // PAGE - 1, 2)])
+        assert releaser.counters.pending_pages == ram.size // PAGE // 2
+        partial = releaser.partial_pages()
+        assert list(partial) == [0] and partial[0].bit_length() <= ram.size // PAGE
+        releaser.reclaim_pfns([(0, ram.size // PAGE)])
+        assert releaser.counters.pending_pages == 0 and not releaser.partial_pages()
