@@ -267,3 +267,26 @@ def _alive(pid: int) -> bool:
             return "\nState:\tZ" not in f.read()
     except FileNotFoundError:
         return False
+
+
+def _process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.parametrize("pauses", [1, 8])
+def test_stopped_and_continued_worker_keeps_serving(ram, jailed, pauses):
+    """Regression (issue 10.4): SIGSTOP/SIGCONT of a worker idle in poll() resumes through
+    restart_syscall, which the policy used to deny (SIGSYS: the worker died at every
+    pause, and six pauses made the device "failed")."""
+    proxy, driver = jailed
+    ram.populate()
+    pid = proxy.worker.pid
+    for _ in range(pauses):
+        os.kill(pid, signal.SIGSTOP)
+        wait_for(lambda: _process_state(pid) == "T", what="the worker stopped")
+        os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: _process_state(pid) != "T", what="the worker continued")
+    driver.inflate(1024)
+    assert ram.host_bytes() == ram.size - 1024 * PAGE
+    assert proxy.worker.pid == pid and proxy.restarts == 0 and proxy.state == ACTIVE
