@@ -135,6 +135,10 @@ class VhostUserSession:
 
     def _on_SetFeatures(self, event, conn) -> None:
         virtio = event.features & ~(1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
+        unknown = virtio & ~self.device.device_features
+        if unknown:
+            # Checked before anything stops: a refused request changes nothing.
+            raise ControlError(f"features {unknown:#x} were not offered")
         if self.state.active:
             # A driver probing again (UML sends no reset when its driver goes away).
             self._stop()
@@ -182,6 +186,14 @@ class VhostUserSession:
             raise
         was_active = self.state.active
         if was_active:
+            try:
+                # The running rings must still lie in the new table, or the change is
+                # refused while the old table keeps serving.
+                self._ring_configs(regions)
+            except DeviceError:
+                for fd in sorted({r.fd for r in regions}):
+                    os.close(fd)
+                raise
             self._stop(resume=True)
         self._close_regions()
         self.state.regions = tuple(regions)
@@ -282,16 +294,8 @@ class VhostUserSession:
         if self.state.active or not self.state.regions \
                 or any(not r.kicked or r.call_fd < 0 or r.addr is None for r in rings):
             return
-        features = self.device.acked_features
-        specs = []
-        for ring in rings:
-            config = QueueConfig(ring.num, user_to_guest(self.state.regions, ring.addr.desc),
-                                 user_to_guest(self.state.regions, ring.addr.avail),
-                                 user_to_guest(self.state.regions, ring.addr.used),
-                                 event_idx=bool(features >> VIRTIO_F_EVENT_IDX & 1),
-                                 indirect=bool(features >> VIRTIO_F_INDIRECT_DESC & 1))
-            specs.append(QueueSpec(config, ring.kick_fd, ring.call_fd,
-                                   None if ring.resume else ring.base))
+        specs = [QueueSpec(config, ring.kick_fd, ring.call_fd, None if ring.resume else ring.base)
+                 for config, ring in zip(self._ring_configs(self.state.regions), rings)]
         self.device.activate(list(self.state.regions), specs)
         for ring in rings:
             ring.resume = False
@@ -299,6 +303,16 @@ class VhostUserSession:
         log.info("device active: %d queues, %d MiB of guest memory, worker pid %s",
                  len(specs), sum(r.size for r in self.state.regions) >> 20,
                  getattr(self.device.worker, "pid", "?"))
+
+    def _ring_configs(self, regions) -> list[QueueConfig]:
+        """The negotiated rings' configs under ``regions``; raises ``AddressOutOfRange``."""
+        features = self.device.acked_features
+        return [QueueConfig(ring.num, user_to_guest(regions, ring.addr.desc),
+                            user_to_guest(regions, ring.addr.avail),
+                            user_to_guest(regions, ring.addr.used),
+                            event_idx=bool(features >> VIRTIO_F_EVENT_IDX & 1),
+                            indirect=bool(features >> VIRTIO_F_INDIRECT_DESC & 1))
+                for ring in self.state.vrings[:len(self.device.queue_names())]]
 
     def _stop(self, resume: bool = False) -> None:
         """Stop the worker and remember where each ring stands (the next base).

@@ -52,15 +52,30 @@ class MemoryRegion:
                 user_addr: int | None = None) -> "MemoryRegion":
         """Describe a region, reading the backing page size from the file system of ``fd``.
 
-        Raises ``InvalidMemoryTable`` if ``fd`` is a file shorter than the region: mapping
-        past its end would SIGBUS whoever touches those pages.
+        Raises ``InvalidMemoryTable`` if ``fd`` is not a regular file (a memfd, a tmpfs or
+        hugetlbfs file: a pipe, socket or directory cannot be guest memory, and is refused
+        when it arrives rather than at activation), or a file shorter than the region:
+        mapping past its end would SIGBUS whoever touches those pages.
         """
         st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_size < file_offset + size:
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidMemoryTable(f"a memory region's fd must be a regular file (a memfd "
+                                     f"or a tmpfs/hugetlbfs file), not a "
+                                     f"{_file_kind(st.st_mode)}")
+        if st.st_size < file_offset + size:
             raise InvalidMemoryTable(f"region of {size:#x} bytes at file offset {file_offset:#x} "
                                      f"runs past the end of its {st.st_size:#x}-byte file")
         page_size = max(SMALL_PAGE, os.fstatvfs(fd).f_bsize)
         return cls(guest_addr, size, fd, file_offset, user_addr, page_size)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "pipe"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def validate_regions(regions: list[MemoryRegion] | tuple[MemoryRegion, ...]) -> None:

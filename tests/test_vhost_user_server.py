@@ -77,3 +77,51 @@ def test_fds_of_refused_requests_are_closed(served, tmp_path):
         os.close(memfd)
     # The server runs in this process: none of the 10 received fds may still be open.
     wait_for(lambda: _open_fds() <= before, what="the refused fds to be closed")
+
+
+def _worker_pid(server) -> int:
+    return server.server.device.worker.pid
+
+
+def test_refused_features_leave_an_active_device_running(served):
+    """Regression (issue 10.7): SET_FEATURES with a bit never offered was refused but
+    stopped the worker first, leaving the device idle with no worker."""
+    server, frontend, driver, _ = served
+    pid = _worker_pid(server)
+    assert not frontend.ack(vu.SetFeatures(1 << 63 | 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES,
+                                           need_reply=True))
+    assert server.server.device.state == "active" and _worker_pid(server) == pid
+    driver.inflate(256)                                   # still served by the same worker
+
+
+def test_memory_table_without_the_rings_is_refused_and_changes_nothing(served, ram):
+    server, frontend, driver, _ = served
+    pid = _worker_pid(server)
+    other = os.memfd_create("elsewhere")
+    os.ftruncate(other, ram.size)
+    region = vu.MemRegion(0, ram.size, 0x1000_0000_0000, 0)     # rings are not in here
+    assert not frontend.ack(vu.SetMemTable((region,), (other,), need_reply=True))
+    os.close(other)
+    assert server.server.device.state == "active" and _worker_pid(server) == pid
+    driver.inflate(256)
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket", "directory"])
+def test_memory_fd_that_is_not_a_file_is_refused_on_arrival(served, tmp_path, kind):
+    """Issue 10.10: a pipe, socket or directory is refused with the memory table, not
+    accepted and only refused when the worker maps it."""
+    server, frontend, driver, _ = served
+    pid = _worker_pid(server)
+    if kind == "pipe":
+        fd, spare = os.pipe()
+    elif kind == "socket":
+        a, b = __import__("socket").socketpair()
+        fd, spare = a.detach(), b.detach()
+    else:
+        fd, spare = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY), None
+    region = vu.MemRegion(0, 1 << 20, 0x7F00_0000_0000, 0)
+    assert not frontend.ack(vu.SetMemTable((region,), (fd,), need_reply=True))
+    for open_fd in (fd, spare):
+        if open_fd is not None:
+            os.close(open_fd)
+    assert server.server.device.state == "active" and _worker_pid(server) == pid
