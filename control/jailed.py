@@ -44,6 +44,11 @@ class JailedWorker:
                 self.child.wait(5.0)
         self.child.close()
 
+    def kill(self) -> None:
+        """SIGKILL now (it works on a stopped process too); ``stop`` reaps it."""
+        if self.child.poll() is None:
+            self.child.kill()
+
     def describe_exit(self) -> str:
         status = self.child.poll()
         return "still running" if status is None else status.describe()

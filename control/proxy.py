@@ -202,6 +202,19 @@ class ProxyBalloon(BalloonControl):
         self.state = IDLE        # a failure stays visible in last_exit
         return state
 
+    def terminate(self) -> None:
+        """Stop at once, without the graceful "kill" (``serve`` shutting down: nobody needs
+        the worker's state, and a stopped worker must not delay the exit): SIGKILL, reap."""
+        with self._lock:
+            worker = self.worker
+            if self.state == ACTIVE:
+                self.state = RESTARTING      # no request is sent to it any more
+        self._stopping.set()
+        kill = getattr(worker, "kill", None)
+        if kill is not None:
+            kill()
+        self.kill()
+
     def snapshot(self) -> dict:
         return {**super().snapshot(), "stats": asdict(self.stats), "restarts": self.restarts}
 

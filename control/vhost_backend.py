@@ -78,6 +78,7 @@ class VhostUserSession:
         self.device = device
         self.state = SessionState()
         self.backend_req: socket.socket | None = None
+        self.backend_out = bytearray()     # backend requests the front-end has not read
         self.backend_sender = vu.BackendRequestSender()
         device.on_config_change = self.notify_config_change
 
@@ -166,6 +167,7 @@ class VhostUserSession:
             raise
         if self.backend_req is not None:
             self.backend_req.close()
+        self.backend_out.clear()
         self.backend_req = sock
         self.backend_req.setblocking(False)
 
@@ -281,10 +283,26 @@ class VhostUserSession:
         if self.backend_req is None:
             log.warning("config changed but the front-end gave no backend-request channel")
             return
+        message = self.backend_sender.config_change_msg(need_reply=False)
+        if len(self.backend_out) >= len(message):
+            return      # one not yet started is queued: the front-end reads config anew
+        self.backend_out += message
+        self.flush_backend_req()
+
+    def flush_backend_req(self) -> None:
+        """Send what is queued on the backend-request channel without blocking; the rest
+        waits for the server's loop to see the socket writable."""
+        if self.backend_req is None or not self.backend_out:
+            return
         try:
-            self.backend_req.send(self.backend_sender.config_change_msg(need_reply=False))
+            sent = self.backend_req.send(self.backend_out)
+        except BlockingIOError:
+            return
         except OSError as exc:
             log.warning("cannot send the config change to the front-end: %s", exc)
+            self.backend_out.clear()
+            return
+        del self.backend_out[:sent]
 
     # -- activation ------------------------------------------------------------------------------
 
@@ -356,6 +374,7 @@ class VhostUserSession:
         if self.backend_req is not None:
             self.backend_req.close()
             self.backend_req = None
+        self.backend_out.clear()
 
     def _close_regions(self) -> None:
         for fd in sorted({r.fd for r in self.state.regions}):

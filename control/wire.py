@@ -33,6 +33,22 @@ def encode_frame(message: dict[str, Any]) -> bytes:
     return _LENGTH.pack(len(data)) + data
 
 
+MAX_ERROR_TEXT = 1024
+
+
+def encode_reply(message: dict[str, Any]) -> bytes:
+    """Frame a reply; never raises: an over-long ``error`` (it may echo what the client sent)
+    is cut, and a reply still too large becomes an error saying so."""
+    error = message.get("error")
+    if isinstance(error, str) and len(error) > MAX_ERROR_TEXT:
+        message = {**message, "error": error[:MAX_ERROR_TEXT] + "..."}
+    try:
+        return encode_frame(message)
+    except (FrameError, TypeError, ValueError, OverflowError) as exc:
+        return encode_frame({"id": message.get("id"), "ok": False,
+                             "error": f"the reply could not be sent: {str(exc)[:200]}"})
+
+
 def decode_payload(data: bytes) -> dict[str, Any]:
     """One frame's payload -> a map; raises ``FrameError`` and nothing else."""
     try:
