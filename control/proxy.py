@@ -144,8 +144,6 @@ class ProxyBalloon(BalloonControl):
             super().set_target_pages(pages)
         except InvalidTarget as exc:
             raise RequestError(str(exc)) from exc
-        # The worker keeps the config for its state (not on the hot path: targets are rare).
-        self.send("config", num_pages=self.config.num_pages, actual=self.config.actual)
 
     def activate(self, regions: list[MemoryRegion], queues: list[QueueSpec]) -> None:
         """Fork the jailed worker and start serving; raises ``WorkerError`` if it cannot.
@@ -192,6 +190,9 @@ class ProxyBalloon(BalloonControl):
                 state = self.request("kill", timeout=self.proxy.kill_grace)
             except WorkerError as exc:
                 log.warning("graceful stop failed (%s); killing the worker", exc)
+                kill = getattr(self.worker, "kill", None)
+                if kill is not None:
+                    kill()          # no second grace: it already had its chance
         if self._thread is not None:
             # The supervisor ends the worker (SIGKILL after kill_grace) and then itself.
             self._thread.join(self.proxy.kill_grace + self.proxy.request_timeout + 5)
@@ -201,6 +202,47 @@ class ProxyBalloon(BalloonControl):
         self._end_worker()
         self.state = IDLE        # a failure stays visible in last_exit
         return state
+
+    def read_ring_bases(self) -> dict[str, int]:
+        """Where each ring stands (its used index in guest memory), read by a fresh jailed
+        worker: for when the serving one could not say (dead, stopped, too slow). The
+        parent never maps guest memory itself. Raises ``WorkerError``; bounded by
+        ``request_timeout``."""
+        activation = self._activation
+        if activation is None:
+            return {}
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        keep = sorted({child_end.fileno()} | {r.fd for r in activation.regions})
+        try:
+            worker = spawn_worker(child_end, keep, self.proxy)
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        try:
+            body = self._activate_body(activation, resume=True)
+            parent_end.send(request("ring_bases", 1, features=body["features"],
+                                    regions=body["regions"],
+                                    queues=[{"used": q["used"]} for q in body["queues"]]))
+            deadline = time.monotonic() + self.proxy.request_timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([parent_end], [], [], left)[0]:
+                    raise WorkerError("the worker reading the ring bases did not answer")
+                message = decode(parent_end.recv(MAX_MESSAGE + 1))
+                if message.type == "reply" and message.id == 1:
+                    break
+            if not message.body.get("ok"):
+                raise WorkerError(f"reading the ring bases failed: {message.body.get('error')}")
+            bases = message.body["result"]["ring_bases"]
+            log.info("ring bases read from guest memory by a fresh worker: %s", bases)
+            return {str(name): int(base) for name, base in bases.items()}
+        except (OSError, ProtocolError, KeyError, TypeError) as exc:
+            raise WorkerError(f"reading the ring bases failed: {exc}") from exc
+        finally:
+            parent_end.close()
+            worker.stop(self.proxy.kill_grace)
 
     def terminate(self) -> None:
         """Stop at once, without the graceful "kill" (``serve`` shutting down: nobody needs

@@ -344,7 +344,17 @@ class VhostUserSession:
             log.warning("stopping the worker: %s", exc)
             state = {}
         bases = state.get("ring_bases", {})
-        for name, ring in zip(self.device.queue_names(), self.state.vrings):
+        names = self.device.queue_names()
+        if any(name not in bases for name in names):
+            # The worker could not say (dead, restarting, stopped, past its grace): the
+            # last SET_VRING_BASE is stale, and a VMM handing it to the next back-end would
+            # have buffers replayed that the guest already got back. A fresh worker reads
+            # the used indices from guest memory.
+            try:
+                bases = self.device.read_ring_bases()
+            except WorkerError as exc:
+                log.error("cannot read where the rings stand: %s", exc)
+        for name, ring in zip(names, self.state.vrings):
             if name in bases:
                 ring.base = bases[name]
             ring.resume = resume or name not in bases

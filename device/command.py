@@ -3,12 +3,13 @@
 One message is one msgpack map in one SOCK_SEQPACKET datagram of at most ``MAX_MESSAGE``
 bytes. Every message carries the protocol version ``v``, a ``type`` and a request ``id``:
 
-    parent -> worker requests      activate, kill, config, stats, state, ping
+    parent -> worker requests      activate, kill, ring_bases, stats, state, ping
     worker -> parent replies       reply  {id, ok: true, ...} | {id, ok: false, error: "..."}
     worker -> parent events (id 0) stats_event, log, error
 
-``config`` carries the config space the parent serves (target and actual) to the worker,
-which reports it back in its state; the worker never changes config itself.
+``ring_bases`` is sent to a fresh worker to read where each ring stands (its used index in
+guest memory) when the serving one could not say; the worker answers and ends. Config space
+is the parent's alone: the worker needs none of it.
 
 ``decode`` validates every field against the schema below (type, range, size) and raises
 ``ProtocolError`` for anything else; the caller answers a bad request with an error reply
@@ -66,7 +67,9 @@ SCHEMAS: dict[str, dict[str, Field]] = {
                  "regions": Field(list, 1, 8, items=Field(dict, items=_REGION)),
                  "queues": Field(list, 1, 5, items=Field(dict, items=_QUEUE))},
     "kill": {},
-    "config": {"num_pages": _int(0, U32), "actual": _int(0, U32)},
+    "ring_bases": {"features": _int(0, U64),
+                   "regions": Field(list, 1, 8, items=Field(dict, items=_REGION)),
+                   "queues": Field(list, 1, 5, items=Field(dict, items={"used": _int(0, U64)}))},
     "stats": {},
     "state": {},
     "ping": {},
@@ -78,7 +81,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "log": {"level": _int(0, 100), "message": _TEXT},
     "error": {"queue": Field(str, 0, 32), "message": _TEXT},
 }
-REQUESTS = frozenset({"activate", "kill", "config", "stats", "state", "ping"})
+REQUESTS = frozenset({"activate", "kill", "ring_bases", "stats", "state", "ping"})
 EVENTS = frozenset({"stats_event", "log", "error"})
 
 

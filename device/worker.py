@@ -23,16 +23,17 @@ import select
 import time
 from dataclasses import asdict
 
-from device.balloon import BalloonQueues, QueueSpec, build_queues
+from device.balloon import BalloonQueues, QueueSpec, build_queues, queue_layout
 from device.command import (MAX_MESSAGE, Message, ProtocolError, clip, decode, event,
                             reply_error, reply_ok)
-from device.errors import DeviceError, GuestError
+from device.errors import DeviceError, GuestError, InvalidQueueConfig
 from device.memory import GuestMemory, MemoryRegion
 from device.notify import drain_fd, signal_fd
 from device.stats import StatsSnapshot
 from device.virtqueue import QueueConfig
 
 MAX_ERROR_EVENTS_PER_SECOND = 20
+MAX_COMMANDS_PER_PASS = 64
 _POLL_IN = select.POLLIN | select.POLLPRI
 _POLL_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
@@ -58,7 +59,6 @@ class Worker:
         self.queues: BalloonQueues | None = None
         self.kick_fds: dict[int, str] = {}
         self.again: set[str] = set()     # queues to process without waiting for a kick
-        self.config = {"num_pages": 0, "actual": 0}
         self.running = True
         self.poller = select.poll()
         self.poller.register(command_fd, _POLL_IN)
@@ -83,7 +83,7 @@ class Worker:
             for fd, mask in self.poller.poll(self._timeout()):
                 if fd == self.command_fd:
                     if mask & _POLL_IN:
-                        self._on_command()
+                        self._on_commands()
                     elif mask & _POLL_GONE:
                         self.running = False
                 elif fd in self.kick_fds:
@@ -104,6 +104,16 @@ class Worker:
             return 0
         due = self.queues.stats_timeout(time.monotonic())
         return None if due is None else int(due * 1000) + 1
+
+    def _on_commands(self) -> None:
+        """Handle every command waiting (at most ``MAX_COMMANDS_PER_PASS``): a parent that
+        sent several while a pass ran must not wait one pass per command."""
+        ready = select.poll()
+        ready.register(self.command_fd, _POLL_IN)
+        for _ in range(MAX_COMMANDS_PER_PASS):
+            self._on_command()
+            if not self.running or not ready.poll(0):
+                return
 
     def _on_command(self) -> None:
         data = os.read(self.command_fd, MAX_MESSAGE + 1)
@@ -176,9 +186,20 @@ class Worker:
         self.running = False
         return self._state()
 
-    def _do_config(self, message: Message) -> dict:
-        self.config = dict(message.body)
-        return {}
+    def _do_ring_bases(self, message: Message) -> dict:
+        """Read each ring's used index from guest memory and end: what a replacement worker
+        is started for when the one serving could not say where its rings stand."""
+        body = message.body
+        regions = [MemoryRegion(r["guest_addr"], r["size"], r["fd"], r["file_offset"],
+                                r.get("user_addr"), r["page_size"]) for r in body["regions"]]
+        self.running = False
+        with GuestMemory(regions) as memory:
+            names = queue_layout(body["features"])
+            if len(names) != len(body["queues"]):
+                raise InvalidQueueConfig(f"{len(body['queues'])} queues given, the features "
+                                         f"need {len(names)}")
+            return {"ring_bases": {name: memory.read_u16(q["used"] + 2)
+                                   for name, q in zip(names, body["queues"])}}
 
     def _do_stats(self, message: Message) -> dict:
         return {"requested": self.queues.request_stats() if self.queues else False}
@@ -191,8 +212,8 @@ class Worker:
 
     def _state(self) -> dict:
         if self.queues is None:
-            return {"active": False, "config": self.config}
-        return {"active": True, "ring_bases": self.queues.ring_bases(), "config": self.config,
+            return {"active": False}
+        return {"active": True, "ring_bases": self.queues.ring_bases(),
                 "counters": asdict(self.queues.counters),
                 "suppressed_errors": self.suppressed_errors}
 

@@ -25,9 +25,11 @@ GOOD_QUEUE = {"size": 128, "desc": 0, "avail": 4096, "used": 8192, "event_idx": 
     {"v": 1, "type": "ping", "id": -1},                      # bad id
     {"v": 1, "type": "ping", "id": True},                    # bool is not an id
     {"v": 1, "type": "ping", "id": 1, "extra": 0},           # unknown field
-    {"v": 1, "type": "config", "id": 1, "num_pages": 2**32, "actual": 0},   # out of range
-    {"v": 1, "type": "config", "id": 1, "num_pages": "1", "actual": 0},     # wrong type
-    {"v": 1, "type": "config", "id": 1, "num_pages": 1},                    # missing field
+    {"v": 1, "type": "ring_bases", "id": 1, "features": -1, "regions": [],
+     "queues": []},                                                          # out of range
+    {"v": 1, "type": "ring_bases", "id": 1, "features": "1", "regions": [],
+     "queues": []},                                                          # wrong type
+    {"v": 1, "type": "ring_bases", "id": 1, "features": 1, "regions": []},   # missing field
     {"v": 1, "type": "activate", "id": 1, "features": 0, "stats_interval": 0.0,
      "regions": [], "queues": [GOOD_QUEUE]},                                # no regions
     {"v": 1, "type": "activate", "id": 1, "features": 0, "stats_interval": 0.0,
@@ -100,7 +102,7 @@ def test_worker_answers_garbage_with_errors_and_keeps_serving():
     assert (reply.id, reply.body["ok"]) == (8, True)
     parent.send(request("kill", 9))
     assert decode(parent.recv(MAX_MESSAGE)).body == {
-        "ok": True, "result": {"active": False, "config": {"num_pages": 0, "actual": 0}}}
+        "ok": True, "result": {"active": False}}
     thread.join(5)
     assert not thread.is_alive()
     parent.close()

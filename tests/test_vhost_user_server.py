@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -125,3 +126,38 @@ def test_memory_fd_that_is_not_a_file_is_refused_on_arrival(served, tmp_path, ki
         if open_fd is not None:
             os.close(open_fd)
     assert server.server.device.state == "active" and _worker_pid(server) == pid
+
+
+@pytest.mark.parametrize("disruption", [signal.SIGKILL, signal.SIGSTOP], ids=["kill-9", "stop"])
+def test_get_vring_base_answers_the_used_index_whatever_the_worker_does(tmp_path, ram, disruption):
+    """Regression (issue 10.1): with the worker dead, restarting or stopped, GET_VRING_BASE
+    answered the last SET_VRING_BASE (0 here), not the used index in guest memory. A VMM
+    that hands it to the next back-end has the inflate buffers replayed: pages the guest
+    got back and wrote are punched again and read back as zeros."""
+    with served_device(tmp_path, ram, proxy=ProxyOptions(jail=True)) as (server, frontend,
+                                                                          driver, _):
+        ram.populate()
+        pfns = driver.inflate(1024)                       # four buffers, all used
+        inflate = driver.queues["inflate"]
+        used = {name: queue.used_idx() for name, queue in driver.queues.items()}
+        assert used["inflate"] == 4
+        victim = _worker_pid(server)
+        os.kill(victim, disruption)
+        bases = {name: frontend.call(vu.GetVringBase(index)).num
+                 for index, name in enumerate(driver.queues)}
+        assert bases == used
+        if disruption == signal.SIGSTOP:
+            wait_for(lambda: not os.path.exists(f"/proc/{victim}"), what="the stopped worker gone")
+        # The guest owns those pages again (a migration's destination would) and writes them.
+        for pfn in pfns:
+            ram.map[pfn * PAGE:pfn * PAGE + 8] = b"guest!!\n"
+        # The next back-end starts where GET_VRING_BASE said.
+        for index, (name, queue) in enumerate(driver.queues.items()):
+            assert frontend.ack(vu.SetVringBase(index, bases[name], need_reply=True))
+            assert frontend.ack(vu.SetVringKick(index, queue.kick_fd, need_reply=True))
+        wait_for(lambda: server.server.device.state == "active", what="the next back-end")
+        driver.inflate(256)                               # it serves what is new, only that
+        assert all(ram.map[pfn * PAGE:pfn * PAGE + 8] == b"guest!!\n" for pfn in pfns)
+        counters = server.server.device.request("state")["counters"]
+        assert counters["inflate_buffers"] == 1 and counters["inflated_pages"] == 256
+        assert inflate.used_idx() == 5
