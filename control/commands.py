@@ -81,6 +81,8 @@ def _device(device: ProxyBalloon | None) -> ProxyBalloon:
 def handle(device: ProxyBalloon | None, message: dict) -> dict[str, Any] | WaitRequest:
     """Run one request; returns the reply body, or a ``WaitRequest`` for the server."""
     cmd = message.get("cmd")
+    if device is not None:
+        device.check_alive()        # any operator request checks the worker still answers
     if cmd == "status":
         _check_fields(message, set())
         return status(device)

@@ -43,6 +43,7 @@ from device.stats import StatsSnapshot
 log = logging.getLogger("vballoon.proxy")
 
 IDLE, ACTIVE, RESTARTING, FAILED = "idle", "active", "restarting", "failed"
+UNRESPONSIVE = "unresponsive"      # active, but a liveness check went unanswered: replaced
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ class ProxyBalloon(BalloonControl):
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._denied: dict[str, int] = {}
+        self._ping: tuple[int, float] | None = None     # (request id, answer-by) in flight
+        self._unresponsive: str | None = None            # why the last worker was replaced
 
     # -- the Balloon interface -------------------------------------------------------------
 
@@ -295,6 +298,37 @@ class ProxyBalloon(BalloonControl):
                 self._settle.wait(min(watch.deadline - now,
                                       watch.last_move + stall - now, 0.2))
 
+    def check_alive(self) -> None:
+        """Start a liveness check unless one is in flight; never waits. A worker that does
+        not answer within ``request_timeout`` is reported ``unresponsive`` and replaced
+        (SIGKILL; its replacement resumes the rings). Called on every operator request."""
+        with self._lock:
+            if self._ping is not None or self._sock is None or self.state != ACTIVE:
+                return
+            ident = self._next_id
+            self._next_id += 1
+            try:
+                self._sock.send(request("ping", ident))
+            except BlockingIOError:
+                pass            # its queue is full: it is not reading; the clock runs anyway
+            except OSError:
+                return          # it just died; the supervisor knows
+            self._ping = (ident, time.monotonic() + self.proxy.request_timeout)
+
+    def _check_ping(self, worker: WorkerHandle) -> None:
+        """Supervisor thread: act on an overdue liveness check."""
+        ping = self._ping
+        if ping is None or time.monotonic() < ping[1] or self.state != ACTIVE:
+            return
+        self.state = UNRESPONSIVE
+        self._ping = None
+        self._unresponsive = f"did not answer a liveness check in {self.proxy.request_timeout:g} s"
+        log.error("worker %d did not answer a liveness check in %.1f s: replacing it",
+                  worker.pid, self.proxy.request_timeout)
+        kill = getattr(worker, "kill", None)
+        if kill is not None:
+            kill()              # its exit is seen next and handled like any other death
+
     def request_stats(self, wait: bool = True) -> bool:
         """Ask the worker to hand the stats buffer back so the guest refreshes it.
 
@@ -359,7 +393,11 @@ class ProxyBalloon(BalloonControl):
                     self._end_worker()
                     break
             worker, sock = self.worker, self._sock
-            ready = select.select([worker.exit_fd(), sock], [], [], 0.1 if stop_by else 0.5)[0]
+            self._check_ping(worker)
+            timeout = 0.1 if stop_by else 0.5
+            if self._ping is not None:
+                timeout = max(0.0, min(timeout, self._ping[1] - time.monotonic()))
+            ready = select.select([worker.exit_fd(), sock], [], [], timeout)[0]
             if sock in ready and not self._read_worker(sock):
                 # The socket closed: the worker is ending; its exit is what to wait for.
                 ready = select.select([worker.exit_fd()], [], [], self.proxy.kill_grace)[0] \
@@ -387,8 +425,12 @@ class ProxyBalloon(BalloonControl):
             raise
         finally:
             child_end.close()
+        # Sends to the worker never block the caller (the serve loop): a worker that does
+        # not read is found out by its deadlines, not by a caller stuck in send().
+        parent_end.setblocking(False)
         with self._lock:
             self.worker, self._sock = worker, parent_end
+            self._ping = None
         ident, pending = self._register()
         try:
             parent_end.send(request("activate", ident, **self._activate_body(activation, resume)))
@@ -437,6 +479,8 @@ class ProxyBalloon(BalloonControl):
         """Handle one datagram from the worker; False on EOF."""
         try:
             data = sock.recv(MAX_MESSAGE + 1)
+        except BlockingIOError:
+            return True
         except OSError:
             return False
         if not data:
@@ -447,6 +491,9 @@ class ProxyBalloon(BalloonControl):
             log.warning("worker sent a bad message: %s", exc)
             return True
         if message.type == "reply":
+            ping = self._ping
+            if ping is not None and ping[0] == message.id:
+                self._ping = None
             pending = self._pending.pop(message.id, None)
             if pending is not None:
                 pending.reply = message.body
@@ -463,6 +510,9 @@ class ProxyBalloon(BalloonControl):
 
     def _on_worker_exit(self, worker: WorkerHandle) -> None:
         self.last_exit = worker.describe_exit()
+        if self._unresponsive is not None:
+            self.last_exit = f"{self._unresponsive}: {self.last_exit}"
+            self._unresponsive = None
         log.warning("worker %d ended: %s", worker.pid, self.last_exit)
         self._fail_pending("the worker died")
         self._end_worker()

@@ -57,6 +57,10 @@ MAX_REPORT_DESCRIPTORS = 64
 # Linux sends 256 PFNs (1 KiB) per buffer. A much larger one is refused rather than
 # unpacked: a guest could otherwise make the worker build a list of millions of ints.
 MAX_PFN_BUFFER = 64 * 1024
+# PFN ranges released per ``process`` call before it returns to let the worker hear its
+# parent: a guest sending scattered PFNs (one range each) can otherwise make one pass over
+# a full queue take seconds (128 buffers x 16384 ranges). At least one buffer is handled.
+MAX_RANGES_PER_PASS = 8192
 
 INFLATE_QUEUE = "inflate"
 DEFLATE_QUEUE = "deflate"
@@ -168,6 +172,7 @@ class BalloonQueues:
         self.stats = StatsSnapshot()
         self.stats_interval = stats_interval
         self._stats_head: int | None = None
+        self._pass_ranges = 0
         self._last_stats_request = time.monotonic()
         self._on_error = on_error or (lambda name, exc: None)
         self._on_stats = on_stats or (lambda snapshot: None)
@@ -183,10 +188,11 @@ class BalloonQueues:
         queue = self.queues[name]
         handler = self._handlers.get(name)
         handled = 0
+        self._pass_ranges = 0
         if queue.broken is not None or handler is None:
             return 0
         try:
-            while handled < queue.size:
+            while handled < queue.size and self._pass_ranges < MAX_RANGES_PER_PASS:
                 chain = self._pop(name, queue)
                 if chain is None:
                     # Re-arm, then look once more: a buffer made available between the
@@ -248,6 +254,7 @@ class BalloonQueues:
                 raise BadBufferLayout(f"PFN buffer of {desc.length} bytes is not whole le32s")
             pfns = self.memory.unpack_from(_pfn_array(desc.length // PFN_SIZE), desc.addr)
             ranges.extend(compact_pfns(pfns))
+        self._pass_ranges += len(ranges)
         return ranges
 
     def _inflate(self, queue: SplitQueue, chain: DescriptorChain) -> None:

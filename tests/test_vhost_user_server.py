@@ -161,3 +161,46 @@ def test_get_vring_base_answers_the_used_index_whatever_the_worker_does(tmp_path
         counters = server.server.device.request("state")["counters"]
         assert counters["inflate_buffers"] == 1 and counters["inflated_pages"] == 256
         assert inflate.used_idx() == 5
+
+
+def test_worker_that_stops_answering_is_reported_and_replaced(tmp_path, ram):
+    """Issue 10.6: a stopped (or wedged) worker is found out by a liveness check that any
+    operator request starts, reported ``unresponsive`` and replaced, resuming its rings."""
+    proxy = ProxyOptions(jail=True, request_timeout=0.5)
+    with served_device(tmp_path, ram, proxy=proxy) as (server, _, driver, options):
+        ram.populate()
+        victim = _worker_pid(server)
+        os.kill(victim, signal.SIGSTOP)
+        with ControlClient(options.control_path) as client:
+            seen = set()
+
+            def replaced() -> bool:
+                status = client.request("status")
+                seen.add(status["state"])
+                return status["worker_pid"] not in (None, victim) and status["state"] == "active"
+            wait_for(replaced, what="the unresponsive worker replaced")
+            status = client.request("status")
+        assert "liveness" in status["last_worker_exit"] and status["worker_restarts"] == 1
+        wait_for(lambda: not os.path.exists(f"/proc/{victim}"), what="the stopped worker gone")
+        driver.inflate(512)                               # the replacement serves the guest
+        assert ram.host_bytes() == ram.size - 512 * PAGE
+
+
+def test_a_guest_cannot_make_one_worker_pass_long(tmp_path, ram):
+    """Issue 10.6: 128 buffers of 8192 scattered PFNs each (one hole punch per PFN, ~4 s of
+    work) used to be one pass: the worker heard nothing from its parent until the end."""
+    import struct as _struct
+    import time as _time
+    with served_device(tmp_path, ram, proxy=ProxyOptions(jail=True)) as (server, _, driver, _o):
+        inflate = driver.queues["inflate"]
+        pfns = list(range(2048, 2048 + 2 * 8192, 2))     # every other page: 8192 ranges
+        array = inflate.scratch
+        _struct.pack_into(f"<{len(pfns)}I", ram.map, array, *pfns)
+        for _ in range(inflate.size):
+            inflate.add([(array, 4 * len(pfns))])
+        inflate.kick()
+        start = _time.monotonic()
+        state = server.server.device.request("state")
+        assert _time.monotonic() - start < 1.0
+        assert state["counters"]["inflate_buffers"] < inflate.size
+        driver.wait_used("inflate", inflate.size)
