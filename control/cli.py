@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from control.proxy import ProxyOptions
+    from control.supervisor import ProxyOptions
     from control.server import ServeOptions, serve
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

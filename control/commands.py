@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from control.errors import RequestError
-from control.proxy import ProxyBalloon
+from control.vmdevice import VmDevice
 from device.balloon import PAGE_SIZE, feature_names
 from device.stats import STAT_NAMES
 
@@ -39,7 +39,7 @@ def _check_fields(message: dict, allowed: set[str]) -> None:
         raise RequestError(f"unknown arguments {sorted(map(str, unknown))}")
 
 
-def status(device: ProxyBalloon | None) -> dict[str, Any]:
+def status(device: VmDevice | None) -> dict[str, Any]:
     """The status map (its field names are a contract; see README)."""
     if device is None:
         return {"state": "waiting", "connected": False, "target_bytes": 0, "actual_bytes": 0,
@@ -58,7 +58,7 @@ def status(device: ProxyBalloon | None) -> dict[str, Any]:
             "seccomp_denials": device.denials()}
 
 
-def stats(device: ProxyBalloon | None, refresh: bool) -> dict[str, Any]:
+def stats(device: VmDevice | None, refresh: bool) -> dict[str, Any]:
     """The latest guest statistics by Firecracker's names; None for what never arrived."""
     snapshot = device.stats if device is not None else None
     values = snapshot.values if snapshot is not None else {}
@@ -68,17 +68,17 @@ def stats(device: ProxyBalloon | None, refresh: bool) -> dict[str, Any]:
     result["age_seconds"] = None if not updated else max(0.0, time.time() - updated)
     result["refresh_requested"] = False
     if refresh and device is not None:
-        result["refresh_requested"] = device.request_stats(wait=False)
+        result["refresh_requested"] = device.request_stats()
     return result
 
 
-def _device(device: ProxyBalloon | None) -> ProxyBalloon:
+def _device(device: VmDevice | None) -> VmDevice:
     if device is None or device.guest_pages is None:
         raise RequestError("no guest is connected (or it has not set up the balloon yet)")
     return device
 
 
-def handle(device: ProxyBalloon | None, message: dict) -> dict[str, Any] | WaitRequest:
+def handle(device: VmDevice | None, message: dict) -> dict[str, Any] | WaitRequest:
     """Run one request; returns the reply body, or a ``WaitRequest`` for the server."""
     cmd = message.get("cmd")
     if device is not None:

@@ -49,6 +49,13 @@ class JailedWorker:
         if self.child.poll() is None:
             self.child.kill()
 
+    def reap(self) -> str | None:
+        status = self.child.poll()
+        return None if status is None else status.describe()
+
+    def release(self) -> None:
+        self.child.close()
+
     def describe_exit(self) -> str:
         status = self.child.poll()
         return "still running" if status is None else status.describe()

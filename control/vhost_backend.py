@@ -2,15 +2,23 @@
 
 The codec (``control.vhost_user``) has already checked every message's shape and fds; this
 layer checks meaning (indices against the negotiated queues, addresses against the memory
-table) and keeps the per-connection state::
+table) and keeps the per-connection state. Per ring::
 
-    connected --SET_FEATURES/SET_MEM_TABLE/SET_VRING_*--> configuring
-    configuring --SET_VRING_KICK of the last queue--> active (the jailed worker runs)
-    active --GET_VRING_BASE / RESET_DEVICE / RESET_OWNER--> stopped --(kicks again)--> active
-    any --connection closed--> closed (the device is reset, every fd closed)
+    new --SET_VRING_NUM/ADDR/BASE/CALL--> configured --SET_VRING_KICK--> kicked
+    (every negotiated ring kicked, memory table set) --> started (the jailed worker serves)
+    started --GET_VRING_BASE / SET_VRING_ENABLE(0) / SET_FEATURES (a re-probe) /
+              RESET_DEVICE / RESET_OWNER--> stopped --(kicked again)--> started
+    started --SET_MEM_TABLE / SET_VRING_CALL / SET_VRING_KICK--> restarted (resume in place)
+    any --connection closed--> closed (the device is reset, then every fd closed)
 
-Config space is served here, in the parent: the guest reads it and writes ``actual`` once
-per MiB it inflates, and nothing on that path needs the worker.
+What differs between front-ends is named in ``FrontendProfile``s rather than guessed in the
+handlers. Config space is served here, in the parent: the guest reads it and writes
+``actual`` once per MiB it inflates, and nothing on that path needs the worker.
+
+A request that needs the worker to stop or start does not wait for it: its handler is a
+generator that yields an operation (a callable taking a ``resume`` callback) and is resumed
+when the operation completes. Meanwhile the session is ``busy`` and the server does not
+hand it the next request, so requests are still answered in order.
 """
 
 from __future__ import annotations
@@ -18,11 +26,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import types
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from typing import Any
 
 from control import vhost_user as vu
 from control.errors import ControlError, WorkerError
-from control.proxy import ProxyBalloon
+from control.vmdevice import VmDevice
 from device.balloon import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, QueueSpec,
                             feature_names)
 from device.errors import DeviceError
@@ -38,10 +49,28 @@ OFFERED_PROTOCOL_FEATURES = (1 << vu.VHOST_USER_PROTOCOL_F_REPLY_ACK
 MAX_QUEUES = 5
 U64_REPLIES = frozenset({vu.FrontendRequest.GET_FEATURES, vu.FrontendRequest.GET_PROTOCOL_FEATURES,
                          vu.FrontendRequest.GET_QUEUE_NUM, vu.FrontendRequest.GET_MAX_MEM_SLOTS})
+PENDING = object()     # ``handle``'s answer when the reply comes later, through ``on_reply``
+
+Operation = Callable[[Callable[[Any], None]], None]
+Handler = Generator[Operation, Any, "bytes | None"]
 
 
 class FrontendGone(ControlError):
     """The front-end broke the protocol beyond a refusal: close its connection."""
+
+
+@dataclass(frozen=True)
+class FrontendProfile:
+    """How a front-end behaves where the protocol leaves room (tested in tests/)."""
+
+    name: str
+    # UML sends no message when its driver goes away; the next probe's SET_FEATURES while
+    # the rings run is the only sign that the driver re-probes and will reuse ring memory.
+    set_features_while_active_means_reprobe: bool = True
+
+
+UML = FrontendProfile("uml")
+DEFAULT_PROFILE = UML
 
 
 @dataclass
@@ -72,20 +101,30 @@ class SessionState:
 
 
 class VhostUserSession:
-    """Handles one front-end connection for ``device`` (a fresh device per connection)."""
+    """Handles one front-end connection for ``device`` (a fresh device per connection).
 
-    def __init__(self, device: ProxyBalloon) -> None:
+    ``on_reply(bytes | None)`` hears the replies of requests answered later (``PENDING``).
+    """
+
+    def __init__(self, device: VmDevice, profile: FrontendProfile = DEFAULT_PROFILE) -> None:
         self.device = device
+        self.profile = profile
         self.state = SessionState()
         self.backend_req: socket.socket | None = None
         self.backend_out = bytearray()     # backend requests the front-end has not read
         self.backend_sender = vu.BackendRequestSender()
+        self.busy = False
+        self.closed = False
+        self.on_reply: Callable[[bytes | None], None] = lambda reply: None
+        self.on_error: Callable[[BaseException], None] = lambda exc: None
         device.on_config_change = self.notify_config_change
 
     # -- dispatch ----------------------------------------------------------------------------
 
-    def handle(self, event: vu.Request | vu.RejectedRequest, conn: vu.BackendConnection) -> bytes | None:
-        """Apply one event; return the reply to send (None if the front-end expects none).
+    def handle(self, event: vu.Request | vu.RejectedRequest,
+               conn: vu.BackendConnection) -> bytes | None | object:
+        """Apply one event; return the reply to send (None if the front-end expects none),
+        or ``PENDING`` if it comes later through ``on_reply``.
 
         A request that fails is refused (a failure ack, or the failure form of its reply)
         and changes nothing. Raises ``FrontendGone`` only when the front-end asked for
@@ -95,21 +134,116 @@ class VhostUserSession:
         if isinstance(event, vu.RejectedRequest):
             log.warning("refused vhost-user request %s: %s", event.request, event.error)
             return self._fail(event, conn)
-        handler = getattr(self, f"_on_{type(event).__name__}", None)
         log.debug("vhost-user %s", event)
-        if handler is None:
-            for fd in event.carried_fds:      # e.g. ADD_MEM_REG: never offered, fd refused
-                os.close(fd)
-            log.warning("vhost-user %s is not supported", type(event).__name__)
-            return self._fail(event, conn)
         try:
-            reply = handler(event, conn)
+            result = self._dispatch(event, conn)
         except (ControlError, DeviceError, OSError) as exc:
             log.warning("vhost-user %s failed: %s", type(event).__name__, exc)
             return self._fail(event, conn)
+        if isinstance(result, types.GeneratorType):
+            return self._step(result, event, conn, None)
+        return self._done(result, event, conn)
+
+    def _done(self, reply: bytes | None, event: vu.Request, conn: vu.BackendConnection) -> bytes | None:
         if reply is None and event.reply_expected:
             return conn.reply_ack(event.REQUEST, True)
         return reply
+
+    def _step(self, handler: Handler, event: vu.Request, conn: vu.BackendConnection,
+              value: Any) -> bytes | None | object:
+        """Run ``handler`` until it finishes (its reply) or waits (``PENDING``)."""
+        while True:
+            try:
+                if isinstance(value, BaseException):
+                    operation = handler.throw(value)
+                else:
+                    operation = handler.send(value)
+            except StopIteration as stop:
+                return self._done(stop.value, event, conn)
+            except (ControlError, DeviceError, OSError) as exc:
+                log.warning("vhost-user %s failed: %s", type(event).__name__, exc)
+                return self._fail(event, conn)
+            outcome: list = []
+            waiting = [False]
+
+            def resume(result: Any = None, _outcome=outcome, _waiting=waiting) -> None:
+                if not _waiting[0]:
+                    _outcome.append(result)          # completed at once: carry on inline
+                    return
+                self.busy = False
+                if self.closed:
+                    handler.close()                  # the connection is gone: nobody to tell
+                    return
+                try:
+                    reply = self._step(handler, event, conn, result)
+                except Exception as exc:     # this session's failure domain: see server
+                    self.on_error(exc)
+                    return
+                if reply is not PENDING:
+                    self.on_reply(reply)
+            operation(resume)
+            if not outcome:
+                waiting[0] = True
+                self.busy = True
+                return PENDING
+            value = outcome[0]
+
+    def _dispatch(self, event: vu.Request, conn: vu.BackendConnection) -> Any:
+        match event:
+            case vu.SetOwner():
+                return None
+            case vu.GetFeatures():
+                return conn.reply_u64(event.REQUEST, self.device.device_features
+                                      | 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
+            case vu.SetFeatures():
+                return self._set_features(event)
+            case vu.GetProtocolFeatures():
+                return conn.reply_u64(event.REQUEST, OFFERED_PROTOCOL_FEATURES)
+            case vu.SetProtocolFeatures():
+                unknown = event.features & ~OFFERED_PROTOCOL_FEATURES
+                if unknown:
+                    raise ControlError(f"protocol features {unknown:#x} were not offered")
+                self.state.protocol_features = event.features
+                return None
+            case vu.GetQueueNum():
+                return conn.reply_u64(event.REQUEST, MAX_QUEUES)
+            case vu.SetBackendReqFd():
+                return self._set_backend_req_fd(event)
+            case vu.SetMemTable():
+                return self._set_mem_table(event)
+            case vu.SetVringNum():
+                self._vring(event.index).num = event.num
+                return None
+            case vu.SetVringBase():
+                self._vring(event.index).base = event.num
+                return None
+            case vu.SetVringAddr():
+                self._vring(event.index).addr = event
+                return None
+            case vu.SetVringCall():
+                return self._replace_fd(event, "call_fd")
+            case vu.SetVringKick():
+                return self._set_vring_kick(event)
+            case vu.SetVringErr():
+                if event.fd is not None:
+                    os.close(event.fd)      # we never report ring errors through it
+                return None
+            case vu.SetVringEnable():
+                return self._set_vring_enable(event)
+            case vu.GetVringBase():
+                return self._get_vring_base(event, conn)
+            case vu.ResetDevice() | vu.ResetOwner():
+                return self.reset()
+            case vu.GetConfig():
+                data = self.device.read_config(event.offset, event.size)
+                return conn.reply_config(event.offset, event.size, event.flags,
+                                         data.ljust(event.size, b"\0"))
+            case vu.SetConfig():
+                self.device.write_config(event.offset, event.data)
+                return None
+        for fd in event.carried_fds:      # e.g. ADD_MEM_REG: never offered, fd refused
+            os.close(fd)
+        raise ControlError(f"vhost-user {type(event).__name__} is not supported")
 
     def _fail(self, event: vu.Request | vu.RejectedRequest, conn: vu.BackendConnection) -> bytes | None:
         if not event.reply_expected:
@@ -127,39 +261,20 @@ class VhostUserSession:
 
     # -- negotiation ---------------------------------------------------------------------------
 
-    def _on_SetOwner(self, event, conn) -> None:
-        return None
-
-    def _on_GetFeatures(self, event, conn) -> bytes:
-        return conn.reply_u64(event.REQUEST, self.device.device_features
-                              | 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
-
-    def _on_SetFeatures(self, event, conn) -> None:
+    def _set_features(self, event: vu.SetFeatures) -> Handler:
         virtio = event.features & ~(1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
         unknown = virtio & ~self.device.device_features
         if unknown:
             # Checked before anything stops: a refused request changes nothing.
             raise ControlError(f"features {unknown:#x} were not offered")
-        if self.state.active:
-            # A driver probing again (UML sends no reset when its driver goes away).
-            self._stop()
+        if self.state.active and self.profile.set_features_while_active_means_reprobe:
+            yield from self._stop()
         self.device.ack_features(virtio)
         self.state.features = event.features
         log.info("guest negotiated %s", ", ".join(feature_names(virtio)) or "no features")
+        return None
 
-    def _on_GetProtocolFeatures(self, event, conn) -> bytes:
-        return conn.reply_u64(event.REQUEST, OFFERED_PROTOCOL_FEATURES)
-
-    def _on_SetProtocolFeatures(self, event, conn) -> None:
-        unknown = event.features & ~OFFERED_PROTOCOL_FEATURES
-        if unknown:
-            raise ControlError(f"protocol features {unknown:#x} were not offered")
-        self.state.protocol_features = event.features
-
-    def _on_GetQueueNum(self, event, conn) -> bytes:
-        return conn.reply_u64(event.REQUEST, MAX_QUEUES)
-
-    def _on_SetBackendReqFd(self, event, conn) -> None:
+    def _set_backend_req_fd(self, event: vu.SetBackendReqFd) -> None:
         try:
             sock = socket.socket(fileno=event.fd)
         except OSError:
@@ -173,7 +288,7 @@ class VhostUserSession:
 
     # -- memory and rings ----------------------------------------------------------------------
 
-    def _on_SetMemTable(self, event, conn) -> None:
+    def _set_mem_table(self, event: vu.SetMemTable) -> Handler:
         regions = []
         try:
             for region, fd in zip(event.regions, event.fds):
@@ -182,101 +297,75 @@ class VhostUserSession:
                     region.userspace_addr))
             regions.sort(key=lambda r: r.guest_addr)
             validate_regions(regions)
+            if self.state.active:
+                # The running rings must still lie in the new table, or the change is
+                # refused while the old table keeps serving.
+                self._ring_configs(regions)
         except (DeviceError, OSError):
             for fd in event.fds:
                 os.close(fd)
             raise
         was_active = self.state.active
         if was_active:
-            try:
-                # The running rings must still lie in the new table, or the change is
-                # refused while the old table keeps serving.
-                self._ring_configs(regions)
-            except DeviceError:
-                for fd in sorted({r.fd for r in regions}):
-                    os.close(fd)
-                raise
-            self._stop(resume=True)
+            yield from self._stop(resume=True)
         self._close_regions()
         self.state.regions = tuple(regions)
         if was_active:
-            self._restart()
+            yield from self._restart()
+        return None
 
     def _vring(self, index: int) -> Vring:
         if index >= len(self.device.queue_names()) and self.state.features:
             raise ControlError(f"vring {index} is not one of the negotiated queues")
         return self.state.vrings[index]
 
-    def _on_SetVringNum(self, event, conn) -> None:
-        self._vring(event.index).num = event.num
-
-    def _on_SetVringBase(self, event, conn) -> None:
-        self._vring(event.index).base = event.num
-
-    def _on_SetVringAddr(self, event, conn) -> None:
-        self._vring(event.index).addr = event
-
-    def _on_SetVringCall(self, event, conn) -> None:
-        self._replace_fd(event, "call_fd")
-
-    def _on_SetVringErr(self, event, conn) -> None:
-        if event.fd is not None:
-            os.close(event.fd)      # we never report ring errors through it
-
-    def _on_SetVringKick(self, event, conn) -> None:
-        self._replace_fd(event, "kick_fd")
+    def _set_vring_kick(self, event: vu.SetVringKick) -> Handler:
+        yield from self._replace_fd(event, "kick_fd")
         self.state.vrings[event.index].kicked = True
-        self._maybe_activate()
+        yield from self._maybe_activate()
+        return None
 
-    def _replace_fd(self, event, name: str) -> None:
+    def _replace_fd(self, event: vu.SetVringKick | vu.SetVringCall, name: str) -> Handler:
         try:
             vring = self._vring(event.index)
+            if event.fd is None:
+                raise ControlError("polling mode (NOFD) is not supported")
         except ControlError:
             if event.fd is not None:
                 os.close(event.fd)
             raise
-        if event.fd is None:
-            raise ControlError("polling mode (NOFD) is not supported")
         was_active = self.state.active
         if was_active:
             # A VMM may swap fds while running (QEMU does for interrupt masking): the
             # worker holds the old ones, so it is replaced, resuming where it stood.
-            self._stop(resume=True)
+            try:
+                yield from self._stop(resume=True)
+            except BaseException:
+                os.close(event.fd)
+                raise
         old = getattr(vring, name)
         if old >= 0:
             os.close(old)
         setattr(vring, name, event.fd)
         if was_active:
-            self._restart()
+            yield from self._restart()
+        return None
 
-    def _on_SetVringEnable(self, event, conn) -> None:
+    def _set_vring_enable(self, event: vu.SetVringEnable) -> Handler:
         self._vring(event.index)
         if not event.enable and self.state.active:
             # The driver is tearing its rings down and will reuse their memory: the
             # worker must not touch them again.
-            self._stop()
+            yield from self._stop()
+        return None
 
-    def _on_GetVringBase(self, event, conn) -> bytes:
+    def _get_vring_base(self, event: vu.GetVringBase, conn: vu.BackendConnection) -> Handler:
         vring = self._vring(event.index)
         if self.state.active:
-            self._stop()
+            yield from self._stop()
         return conn.reply_vring_state(event.index, vring.base)
 
-    def _on_ResetDevice(self, event, conn) -> None:
-        self.reset()
-
-    def _on_ResetOwner(self, event, conn) -> None:
-        self.reset()
-
-    # -- config space ------------------------------------------------------------------------
-
-    def _on_GetConfig(self, event, conn) -> bytes:
-        data = self.device.read_config(event.offset, event.size)
-        return conn.reply_config(event.offset, event.size, event.flags,
-                                 data.ljust(event.size, b"\0"))
-
-    def _on_SetConfig(self, event, conn) -> None:
-        self.device.write_config(event.offset, event.data)
+    # -- config change -------------------------------------------------------------------------
 
     def notify_config_change(self) -> None:
         """Tell the front-end config space changed (BACKEND_CONFIG_CHANGE_MSG)."""
@@ -306,22 +395,6 @@ class VhostUserSession:
 
     # -- activation ------------------------------------------------------------------------------
 
-    def _maybe_activate(self) -> None:
-        names = self.device.queue_names()
-        rings = self.state.vrings[:len(names)]
-        if self.state.active or not self.state.regions \
-                or any(not r.kicked or r.call_fd < 0 or r.addr is None for r in rings):
-            return
-        specs = [QueueSpec(config, ring.kick_fd, ring.call_fd, None if ring.resume else ring.base)
-                 for config, ring in zip(self._ring_configs(self.state.regions), rings)]
-        self.device.activate(list(self.state.regions), specs)
-        for ring in rings:
-            ring.resume = False
-        self.state.active = True
-        log.info("device active: %d queues, %d MiB of guest memory, worker pid %s",
-                 len(specs), sum(r.size for r in self.state.regions) >> 20,
-                 getattr(self.device.worker, "pid", "?"))
-
     def _ring_configs(self, regions) -> list[QueueConfig]:
         """The negotiated rings' configs under ``regions``; raises ``AddressOutOfRange``."""
         features = self.device.acked_features
@@ -332,26 +405,38 @@ class VhostUserSession:
                             indirect=bool(features >> VIRTIO_F_INDIRECT_DESC & 1))
                 for ring in self.state.vrings[:len(self.device.queue_names())]]
 
-    def _stop(self, resume: bool = False) -> None:
+    def _maybe_activate(self) -> Handler:
+        names = self.device.queue_names()
+        rings = self.state.vrings[:len(names)]
+        if self.state.active or not self.state.regions \
+                or any(not r.kicked or r.call_fd < 0 or r.addr is None for r in rings):
+            return
+        specs = [QueueSpec(config, ring.kick_fd, ring.call_fd, None if ring.resume else ring.base)
+                 for config, ring in zip(self._ring_configs(self.state.regions), rings)]
+        regions = list(self.state.regions)
+        # A failure to start comes back as an exception thrown here: the request is refused.
+        yield lambda done: self.device.activate(regions, specs, done)
+        for ring in rings:
+            ring.resume = False
+        self.state.active = True
+        log.info("device active: %d queues, %d MiB of guest memory, worker pid %s",
+                 len(specs), sum(r.size for r in self.state.regions) >> 20,
+                 getattr(self.device.worker, "pid", "?"))
+
+    def _stop(self, resume: bool = False) -> Handler:
         """Stop the worker and remember where each ring stands (the next base).
 
-        Never raises: a worker that cannot be stopped gracefully is killed, and its rings
-        are then marked to resume from the used index in guest memory.
+        Never fails: a worker that cannot be stopped gracefully is killed, and a fresh
+        worker then reads the used indices from guest memory (the last SET_VRING_BASE is
+        stale: a VMM handing it to the next back-end would have buffers replayed that the
+        guest already got back).
         """
-        try:
-            state = self.device.kill()
-        except WorkerError as exc:
-            log.warning("stopping the worker: %s", exc)
-            state = {}
-        bases = state.get("ring_bases", {})
+        state = yield self.device.stop
+        bases = state.get("ring_bases", {}) if isinstance(state, dict) else {}
         names = self.device.queue_names()
         if any(name not in bases for name in names):
-            # The worker could not say (dead, restarting, stopped, past its grace): the
-            # last SET_VRING_BASE is stale, and a VMM handing it to the next back-end would
-            # have buffers replayed that the guest already got back. A fresh worker reads
-            # the used indices from guest memory.
             try:
-                bases = self.device.read_ring_bases()
+                bases = yield self.device.read_ring_bases
             except WorkerError as exc:
                 log.error("cannot read where the rings stand: %s", exc)
         for name, ring in zip(names, self.state.vrings):
@@ -362,29 +447,35 @@ class VhostUserSession:
             ring.kicked = False
         self.state.active = False
 
-    def _restart(self) -> None:
+    def _restart(self) -> Handler:
         """Serve again after a change made while active (new fds, new memory table)."""
         for ring in self.state.vrings:
             ring.kicked = ring.kick_fd >= 0
-        self._maybe_activate()
+        yield from self._maybe_activate()
 
-    def reset(self) -> None:
-        """Back to a freshly connected state; every fd this session holds is closed."""
-        try:
-            self.device.reset()
-        except WorkerError as exc:
-            log.warning("resetting the device: %s", exc)
-        for ring in self.state.vrings:
-            ring.close()
-        self._close_regions()
-        self.state = SessionState()
+    def reset(self) -> Handler:
+        """Back to a freshly connected state; every fd this session holds is closed once
+        the worker has stopped (a worker thread may still be using them until then)."""
+        yield self.device.reset
+        self._close_all()
+        return None
 
     def close(self) -> None:
-        self.reset()
+        """The connection is gone: reset the device, then close every fd (later, if the
+        worker takes time to stop)."""
+        self.closed = True
+        self.device.on_config_change = lambda: None
         if self.backend_req is not None:
             self.backend_req.close()
             self.backend_req = None
         self.backend_out.clear()
+        self.device.reset(lambda state: self._close_all())
+
+    def _close_all(self) -> None:
+        for ring in self.state.vrings:
+            ring.close()
+        self._close_regions()
+        self.state = SessionState()
 
     def _close_regions(self) -> None:
         for fd in sorted({r.fd for r in self.state.regions}):

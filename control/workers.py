@@ -19,11 +19,23 @@ from device.worker import run_worker
 
 
 class WorkerHandle(Protocol):
+    """How the supervisor drives a worker, wherever it runs. Nothing here waits, except
+    ``stop`` (bounded by ``grace``), which only ``serve``'s shutdown uses."""
+
     pid: int
 
-    def exit_fd(self) -> int: ...
-    def stop(self, grace: float) -> None: ...
+    def exit_fd(self) -> int:
+        """An fd that becomes readable once the worker has ended."""
+    def kill(self) -> None:
+        """End it now (a jailed worker: SIGKILL, which also ends a stopped one)."""
+    def reap(self) -> str | None:
+        """After ``exit_fd`` fired: how it ended (None: not yet)."""
+    def release(self) -> None:
+        """Free what is left of an ended worker (its pidfds, its exit eventfd)."""
+    def stop(self, grace: float) -> None:
+        """Wait up to ``grace`` for it to end, then kill it; release it."""
     def describe_exit(self) -> str: ...
+    def denials(self) -> dict[str, int]: ...
 
 
 class ThreadWorker:
@@ -49,6 +61,20 @@ class ThreadWorker:
     def exit_fd(self) -> int:
         return self._exit
 
+    def kill(self) -> None:
+        """A thread cannot be killed: it ends when its command socket closes (the
+        supervisor closes its end)."""
+
+    def reap(self) -> str | None:
+        # The exit eventfd is written as the thread's last act: it is ending, not running.
+        self._thread.join(1.0)
+        return None if self._thread.is_alive() else self.describe_exit()
+
+    def release(self) -> None:
+        if self._exit >= 0 and not self._thread.is_alive():
+            os.close(self._exit)        # only now: its thread no longer writes it
+            self._exit = -1
+
     def stop(self, grace: float) -> None:
         self._thread.join(grace)
         if not self._thread.is_alive() and self._exit >= 0:
@@ -57,6 +83,9 @@ class ThreadWorker:
 
     def describe_exit(self) -> str:
         return "worker thread ended"
+
+    def denials(self) -> dict[str, int]:
+        return {}
 
 
 def spawn_worker(command: socket.socket, keep_fds: list[int], options) -> WorkerHandle:

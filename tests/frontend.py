@@ -108,6 +108,18 @@ class ServerThread:
         self.thread = threading.Thread(target=self.server.run, args=(False,), daemon=True)
         self.thread.start()
 
+    def worker_request(self, kind: str, timeout: float = 10.0) -> dict:
+        """Ask the served device's worker (from the test's thread, through the loop)."""
+        done, box = threading.Event(), []
+
+        def ask() -> None:
+            self.server.device.supervisor.request(kind, lambda r: (box.append(r), done.set()))
+        self.server.loop.call_soon_threadsafe(ask)
+        assert done.wait(timeout), f"no answer to {kind!r}"
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
+
     def stop(self) -> None:
         self.server.stop()
         self.thread.join(10)

@@ -19,9 +19,20 @@ from tests.driver import MIB, PAGE, BalloonDriver, GuestRam, wait_for
 MODES = [pytest.param(False, id="thread"), pytest.param(True, id="jailed")]
 
 
+_made: list[ProxyBalloon] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_proxies():
+    yield
+    while _made:
+        _made.pop().close()
+
+
 def make_proxy(ram, jail: bool, **proxy_options):
     proxy = ProxyBalloon(BalloonOptions(free_page_reporting=True),
                          ProxyOptions(jail=jail, **proxy_options))
+    _made.append(proxy)
     proxy.ack_features(proxy.device_features)
     driver = BalloonDriver(ram, proxy.queue_names(), proxy.acked_features,
                            write_config=proxy.write_config)

@@ -1,0 +1,594 @@
+"""The worker's supervisor: one state machine per device, driven by the event loop.
+
+It never waits. Every step is a transition taken when something the loop watches happens
+(the worker's command socket is readable or writable, its exit fd fired) or a deadline
+passes; callers pass a callback that hears how their request ended::
+
+    idle ──start──> starting ──"activate" answered──> active ──stop──> stopping ──ended──> idle
+                      │ refused, ended,                │  │                (graceful "kill": the
+                      │ no answer in time              │  │ ended           worker replies with its
+                      v                                │  v                 state and exits;
+       idle (first start: the caller hears why)       │ restarting         SIGKILL at the deadline)
+       or the next restart                             │  │ backoff timer
+                                                       │  v
+                        no answer within               │ starting (resume at the used index)
+                        request_timeout                │  │ more than max_restarts deaths in
+                                                       v  v restart_window
+                                              unresponsive  failed ──start (an operator's reset)──> starting
+                                              (SIGKILL; its end is a death like any other)
+
+A replacement worker resumes every ring at the used index in guest memory: buffers the dead
+one took and never returned are taken again (releasing a page twice is harmless; a buffer
+is never returned twice, since the used index in memory counts only what was returned).
+
+Sends to the worker never block: datagrams wait in a bounded queue until the socket is
+writable; a worker that lets the queue fill is unresponsive. Any request outstanding longer
+than ``request_timeout`` makes the worker unresponsive too, so every operator request is a
+liveness check (``check_alive`` sends a ping when nothing else is outstanding).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from control.errors import WorkerError
+from control.loop import EventLoop, Timer
+from control.workers import WorkerHandle, spawn_worker
+from device.balloon import QueueSpec
+from device.command import MAX_MESSAGE, ProtocolError, decode, request
+from device.memory import MemoryRegion
+
+log = logging.getLogger("vballoon.supervisor")
+
+IDLE, STARTING, ACTIVE, STOPPING = "idle", "starting", "active", "stopping"
+RESTARTING, FAILED, UNRESPONSIVE = "restarting", "failed", "unresponsive"
+MAX_OUTGOING = 64               # datagrams queued for a worker that is not reading
+MAX_READS_PER_WAKE = 64         # datagrams read from the worker before others get a turn
+
+
+@dataclass(frozen=True)
+class ProxyOptions:
+    jail: bool = True                 # False: the worker runs in a thread (debug, benchmarks)
+    seccomp_mode: str = "kill"        # "kill" or "log"
+    policy: Path | None = None        # None: the device's own (device/balloon.policy)
+    max_restarts: int = 5             # within restart_window seconds
+    restart_window: float = 30.0
+    request_timeout: float = 5.0      # a worker silent this long is unresponsive
+    kill_grace: float = 1.0           # seconds a graceful stop may take before SIGKILL
+
+
+@dataclass(frozen=True)
+class Activation:
+    """Everything a worker needs to serve the rings (kept to start replacements)."""
+
+    regions: tuple[MemoryRegion, ...]
+    queues: tuple[QueueSpec, ...]
+    features: int
+    stats_interval: float
+
+    def keep_fds(self) -> set[int]:
+        return ({r.fd for r in self.regions} | {q.kick_fd for q in self.queues}
+                | {q.call_fd for q in self.queues})
+
+    def regions_body(self) -> list[dict]:
+        return [{"guest_addr": r.guest_addr, "size": r.size, "fd": r.fd,
+                 "file_offset": r.file_offset, "user_addr": r.user_addr,
+                 "page_size": r.page_size} for r in self.regions]
+
+    def activate_body(self, resume: bool) -> dict:
+        queues = [{"size": q.config.size, "desc": q.config.desc_addr,
+                   "avail": q.config.avail_addr, "used": q.config.used_addr,
+                   "event_idx": q.config.event_idx, "indirect": q.config.indirect,
+                   "kick_fd": q.kick_fd, "call_fd": q.call_fd,
+                   "next_avail": None if resume else q.next_avail}
+                  for q in self.queues]
+        return {"features": self.features, "regions": self.regions_body(), "queues": queues,
+                "stats_interval": float(self.stats_interval)}
+
+
+Done = Callable[[Any], None]        # hears a result, or a WorkerError
+
+
+@dataclass
+class _Pending:
+    kind: str
+    done: Done
+    timer: Timer
+
+
+class _Channel:
+    """One worker's command socket: a bounded queue of datagrams out, decoded messages in."""
+
+    def __init__(self, loop: EventLoop, sock: socket.socket,
+                 on_message: Callable[[Any], None], on_full: Callable[[], None]) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.out: collections.deque[bytes] = collections.deque()
+        self.on_message = on_message
+        self.on_full = on_full
+        self.eof = False
+        sock.setblocking(False)
+        loop.watch(sock, reader=self._readable)
+
+    def send(self, data: bytes) -> bool:
+        if self.sock is None:
+            return False
+        if len(self.out) >= MAX_OUTGOING:
+            self.on_full()
+            return False
+        self.out.append(data)
+        self._flush()
+        return True
+
+    def _flush(self) -> None:
+        while self.out and self.sock is not None:
+            try:
+                self.sock.send(self.out[0])
+            except BlockingIOError:
+                break
+            except OSError:
+                self.out.clear()          # it is ending: its exit fd will say so
+                break
+            self.out.popleft()
+        if self.sock is not None and not self.eof:
+            self.loop.watch(self.sock, reader=self._readable,
+                            writer=self._flush if self.out else None)
+
+    def _readable(self) -> None:
+        for _ in range(MAX_READS_PER_WAKE):
+            if self.sock is None:
+                return
+            try:
+                data = self.sock.recv(MAX_MESSAGE + 1)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                # The worker is ending; its exit fd is what says it has ended.
+                self.eof = True
+                self.loop.unwatch(self.sock)
+                return
+            try:
+                message = decode(data)
+            except ProtocolError as exc:
+                log.warning("worker sent a bad message: %s", exc)
+                continue
+            self.on_message(message)
+
+    def drain(self) -> None:
+        """Read what is left (the worker has ended: its last replies and events)."""
+        if self.sock is not None and not self.eof:
+            self._readable()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.loop.unwatch(self.sock)
+            self.sock.close()
+            self.sock = None
+        self.out.clear()
+
+
+class Supervisor:
+    """Runs one device's worker (see the module docstring). ``on_event(kind, body)`` hears
+    the worker's ``stats_event`` and ``counters`` events and ``"state"`` changes."""
+
+    def __init__(self, loop: EventLoop, options: ProxyOptions,
+                 on_event: Callable[[str, dict], None] = lambda kind, body: None) -> None:
+        self.loop = loop
+        self.options = options
+        self.on_event = on_event
+        self.state = IDLE
+        self.worker: WorkerHandle | None = None
+        self.activation: Activation | None = None
+        self.restarts = 0
+        self.last_exit: str | None = None
+        self._channel: _Channel | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = 1
+        self._restart_times: list[float] = []
+        self._restart_timer: Timer | None = None
+        self._kill_timer: Timer | None = None
+        self._start_done: Done | None = None
+        self._stop_done: list[Done] = []
+        self._stop_state: dict = {}
+        self._unresponsive: str | None = None
+        self._start_error: str | None = None
+        self._exit_fd = -1
+        self._denied: dict[str, int] = {}
+        self.counters_base: dict[str, int] = {}      # summed over workers that ended
+        self.counters_current: dict[str, int] = {}   # the serving worker's latest
+
+    # -- public transitions --------------------------------------------------------------------
+
+    def start(self, activation: Activation, done: Done) -> None:
+        """Start a worker for ``activation``; ``done(None)`` once it serves, or
+        ``done(WorkerError)``. From ``failed`` this is an operator's reset: the restart
+        budget starts afresh and the rings resume at their used index."""
+        if self.state not in (IDLE, FAILED):
+            done(WorkerError(f"the device is already {self.state}"))
+            return
+        resume = self.state == FAILED
+        if resume:
+            self._restart_times.clear()
+        self.activation = activation
+        self._start_done = done
+        self._spawn(resume)
+
+    def stop(self, done: Done) -> None:
+        """Stop the worker: ``done(state)`` with its last state (ring bases, counters), or
+        ``done({})`` if it could not give one (dead, stopped, past ``kill_grace``)."""
+        self._stop_done.append(done)
+        if self.state == STOPPING:
+            return
+        if self.state in (IDLE, FAILED, RESTARTING):
+            if self._restart_timer is not None:
+                self._restart_timer.cancel()
+                self._restart_timer = None
+            self._set_state(IDLE)
+            self._finish_stop()
+            return
+        was = self.state
+        self._set_state(STOPPING)
+        self._stop_state = {}
+        start_done, self._start_done = self._start_done, None
+        if start_done is not None:
+            start_done(WorkerError("stopped before it started serving"))
+        if was == ACTIVE:
+            self._request("kill", self._on_kill_reply, self.options.kill_grace)
+        else:                              # starting, or unresponsive: nothing to ask
+            self._kill()
+
+    def terminate(self) -> None:
+        """End everything now, waiting at most the reaping of a SIGKILLed process:
+        ``serve`` shutting down (nobody needs the worker's state)."""
+        for timer in (self._restart_timer, self._kill_timer):
+            if timer is not None:
+                timer.cancel()
+        worker = self.worker
+        if worker is not None:
+            worker.kill()
+            if self._channel is not None:
+                self._channel.close()
+            self.loop.unwatch(self._exit_fd)
+            worker.stop(self.options.kill_grace)
+            self._forget_worker(worker, "terminated")
+        self._set_state(IDLE)
+        self._finish_stop()
+
+    def request(self, kind: str, done: Done, timeout: float | None = None, **body: Any) -> None:
+        """Ask the serving worker; ``done(result)`` or ``done(WorkerError)``, never later
+        than ``timeout`` (default ``request_timeout``), after which it is unresponsive."""
+        if self.state != ACTIVE or self._channel is None:
+            done(WorkerError(f"no worker to ask ({self.state})"))
+            return
+        self._request(kind, done, timeout, **body)
+
+    def check_alive(self) -> None:
+        """Make sure a liveness check is running: any outstanding request is one."""
+        if self.state == ACTIVE and not self._pending:
+            self._request("ping", lambda result: None, None)
+
+    def denials(self) -> dict[str, int] | None:
+        """``--seccomp log``: syscalls outside the policy so far, by name; else None."""
+        if self.options.seccomp_mode != "log" or not self.options.jail:
+            return None
+        worker = self.worker                # read once: it may end between two reads
+        current = worker.denials() if worker is not None else {}
+        return {name: self._denied.get(name, 0) + current.get(name, 0)
+                for name in sorted(set(self._denied) | set(current))}
+
+    def counters(self) -> dict[str, int]:
+        """What the workers counted, summed over restarts."""
+        names = set(self.counters_base) | set(self.counters_current)
+        return {name: self.counters_base.get(name, 0) + self.counters_current.get(name, 0)
+                for name in sorted(names)}
+
+    # -- starting --------------------------------------------------------------------------------
+
+    def _spawn(self, resume: bool) -> None:
+        self._restart_timer = None
+        self._set_state(STARTING)
+        activation = self.activation
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        keep = sorted(activation.keep_fds() | {child_end.fileno()})
+        try:
+            # Bounded: the jail's set-up handshake has its own deadline (a few ms normally).
+            worker = spawn_worker(child_end, keep, self.options)
+        except (WorkerError, OSError) as exc:
+            parent_end.close()
+            self._start_failed(str(exc))
+            return
+        finally:
+            child_end.close()
+        self.worker = worker
+        self._channel = _Channel(self.loop, parent_end, self._on_message, self._on_queue_full)
+        self._exit_fd = worker.exit_fd()
+        self.loop.watch(self._exit_fd, reader=self._on_exit)
+        self._request("activate", lambda result: self._on_activated(worker, result), None,
+                      **activation.activate_body(resume))
+
+    def _on_activated(self, worker: WorkerHandle, result: Any) -> None:
+        if self.state != STARTING or self.worker is not worker:
+            return                         # it ended meanwhile; the exit path decided
+        if isinstance(result, WorkerError):
+            self._start_error = f"the worker refused activation: {result}"
+            self._kill()                   # its end completes the failed start
+            return
+        self._set_state(ACTIVE)
+        done, self._start_done = self._start_done, None
+        if done is not None:
+            done(None)
+
+    def _start_failed(self, why: str) -> None:
+        self.last_exit = why
+        done, self._start_done = self._start_done, None
+        if done is not None:               # a first start: the caller decides what next
+            self._set_state(IDLE)
+            done(WorkerError(f"the worker failed to activate: {why}"))
+            return
+        log.error("restarting the worker failed: %s", why)
+        self._schedule_restart()
+
+    # -- stopping --------------------------------------------------------------------------------
+
+    def _on_kill_reply(self, result: Any) -> None:
+        if self.state != STOPPING:
+            return
+        if isinstance(result, WorkerError):
+            log.warning("graceful stop failed (%s); killing the worker", result)
+            self._kill()
+            return
+        self._stop_state = result
+        # It exits right after replying; if it does not, it is killed at the deadline.
+        self._arm_kill_timer()
+
+    def _finish_stop(self) -> None:
+        state, self._stop_state = self._stop_state, {}
+        waiters, self._stop_done = self._stop_done, []
+        for done in waiters:
+            done(state)
+
+    # -- ending ------------------------------------------------------------------------------
+
+    def _kill(self) -> None:
+        """End the worker now; its exit fd then completes whatever transition is under way."""
+        worker = self.worker
+        if worker is None:
+            return
+        worker.kill()
+        if not self.options.jail and self._channel is not None:
+            self._channel.close()          # a thread worker ends on EOF
+        self._arm_kill_timer()
+
+    def _arm_kill_timer(self) -> None:
+        if self._kill_timer is None or not self._kill_timer.pending:
+            self._kill_timer = self.loop.call_later(self.options.kill_grace, self._kill_overdue)
+
+    def _kill_overdue(self) -> None:
+        worker = self.worker
+        if worker is not None:
+            log.warning("worker %d has not ended %.1f s after it was told to: SIGKILL",
+                        worker.pid, self.options.kill_grace)
+            worker.kill()
+            if self._channel is not None and not self.options.jail:
+                self._channel.close()
+
+    def _on_exit(self) -> None:
+        worker = self.worker
+        if worker is None:
+            return
+        if self._channel is not None:
+            self._channel.drain()          # its last replies and events
+        how = worker.reap()
+        if how is None:
+            return                         # not quite gone yet: the fd stays readable
+        self._forget_worker(worker, how)
+        state = self.state
+        if state == STOPPING:
+            self._set_state(IDLE)
+            self._finish_stop()
+        elif state == STARTING:
+            why, self._start_error = self._start_error or how, None
+            self._start_failed(why)
+        elif state in (ACTIVE, UNRESPONSIVE):
+            if self._unresponsive is not None:
+                how = f"{self._unresponsive}: {how}"
+            self._unresponsive = None
+            self.last_exit = how
+            log.warning("worker %d ended: %s", worker.pid, how)
+            self._schedule_restart()
+
+    def _forget_worker(self, worker: WorkerHandle, how: str) -> None:
+        if self._exit_fd >= 0:
+            self.loop.unwatch(self._exit_fd)
+            self._exit_fd = -1
+        worker.release()
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self._kill_timer is not None:
+            self._kill_timer.cancel()
+            self._kill_timer = None
+        self.worker = None
+        seen = worker.denials()
+        if seen:
+            for name, count in seen.items():
+                self._denied[name] = self._denied.get(name, 0) + count
+            log.warning("seccomp log mode: the worker used syscalls outside its policy: %s",
+                        ", ".join(f"{name} x{count}" for name, count in sorted(seen.items())))
+        final = self._stop_state.get("counters") if self._stop_state else None
+        for name, value in (final or self.counters_current).items():
+            if type(value) is int:
+                self.counters_base[name] = self.counters_base.get(name, 0) + value
+        self.counters_current = {}
+        pending, self._pending = self._pending, {}
+        for item in pending.values():
+            item.timer.cancel()
+            item.done(WorkerError(f"the worker ended ({how})"))
+
+    def _schedule_restart(self) -> None:
+        now = time.monotonic()
+        self._restart_times = [t for t in self._restart_times
+                               if now - t < self.options.restart_window] + [now]
+        if len(self._restart_times) > self.options.max_restarts:
+            log.error("worker died %d times in %.0f s: not restarting",
+                      len(self._restart_times), self.options.restart_window)
+            self._set_state(FAILED)
+            return
+        self.restarts += 1
+        self._set_state(RESTARTING)
+        # The first restart is immediate (the guest may be waiting on a buffer); then back
+        # off, so a passing failure (fork under memory pressure) does not use up the whole
+        # budget in milliseconds.
+        recent = len(self._restart_times)
+        delay = 0.0 if recent <= 1 else min(1.0, 0.05 * 2 ** (recent - 2))
+        self._restart_timer = self.loop.call_later(delay, lambda: self._spawn(resume=True))
+
+    # -- talking to the worker ---------------------------------------------------------------
+
+    def _request(self, kind: str, done: Done, timeout: float | None, **body: Any) -> None:
+        ident = self._next_id
+        self._next_id += 1
+        timer = self.loop.call_later(self.options.request_timeout if timeout is None else timeout,
+                                     lambda: self._on_timeout(ident))
+        self._pending[ident] = _Pending(kind, done, timer)
+        if not self._channel.send(request(kind, ident, **body)):
+            pending = self._pending.pop(ident, None)
+            if pending is not None:
+                timer.cancel()
+                done(WorkerError(f"cannot send {kind!r} to the worker"))
+
+    def _on_timeout(self, ident: int) -> None:
+        pending = self._pending.pop(ident, None)
+        if pending is None:
+            return
+        pending.done(WorkerError(f"the worker did not answer {pending.kind!r} in time"))
+        if self.state == ACTIVE:
+            what = "a liveness check" if pending.kind == "ping" else repr(pending.kind)
+            self._declare_unresponsive(f"unresponsive: did not answer {what} in "
+                                       f"{self.options.request_timeout:g} s")
+
+    def _on_queue_full(self) -> None:
+        if self.state == ACTIVE:
+            self._declare_unresponsive(f"unresponsive: left {MAX_OUTGOING} commands unread")
+
+    def _declare_unresponsive(self, why: str) -> None:
+        worker = self.worker
+        self._unresponsive = why
+        self._set_state(UNRESPONSIVE)
+        log.error("worker %s is %s: replacing it", getattr(worker, "pid", "?"), why)
+        self._kill()                       # its end is handled like any death
+
+    def _on_message(self, message: Any) -> None:
+        body = message.body
+        if message.type == "reply":
+            pending = self._pending.pop(message.id, None)
+            if pending is None:
+                return
+            pending.timer.cancel()
+            if body.get("ok"):
+                pending.done(body.get("result") or {})
+            else:
+                pending.done(WorkerError(f"the worker refused {pending.kind!r}: "
+                                         f"{body.get('error')}"))
+        elif message.type == "log":
+            log.log(body["level"], "worker: %s", body["message"])
+        elif message.type == "error":
+            log.warning("guest error on %s queue: %s", body["queue"], body["message"])
+        elif message.type == "counters":
+            self.counters_current = dict(body["values"])
+            self.on_event("counters", body)
+        else:
+            self.on_event(message.type, body)
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.on_event("state", {"state": state})
+
+
+def read_ring_bases(loop: EventLoop, options: ProxyOptions, activation: Activation,
+                    done: Done) -> None:
+    """Have a fresh worker read where each ring stands (its used index in guest memory),
+    for when the serving one could not say: ``done({queue: index})`` or
+    ``done(WorkerError)``, within ``request_timeout``. The parent never maps guest memory."""
+    _Probe(loop, options, activation, done).start()
+
+
+class _Probe:
+    def __init__(self, loop: EventLoop, options: ProxyOptions, activation: Activation,
+                 done: Done) -> None:
+        self.loop = loop
+        self.options = options
+        self.activation = activation
+        self.done: Done | None = done
+        self.worker: WorkerHandle | None = None
+        self.channel: _Channel | None = None
+        self.exit_fd = -1
+        self.timer: Timer | None = None
+
+    def start(self) -> None:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        keep = sorted({r.fd for r in self.activation.regions} | {child_end.fileno()})
+        try:
+            self.worker = spawn_worker(child_end, keep, self.options)
+        except (WorkerError, OSError) as exc:
+            parent_end.close()
+            self._finish(WorkerError(f"cannot start a worker to read the rings: {exc}"))
+            return
+        finally:
+            child_end.close()
+        self.channel = _Channel(self.loop, parent_end, self._on_message, lambda: None)
+        self.exit_fd = self.worker.exit_fd()
+        self.loop.watch(self.exit_fd, reader=self._on_exit)
+        self.timer = self.loop.call_later(self.options.request_timeout, self._on_timeout)
+        self.channel.send(request(
+            "ring_bases", 1, features=self.activation.features,
+            regions=self.activation.regions_body(),
+            queues=[{"used": q.config.used_addr} for q in self.activation.queues]))
+
+    def _on_message(self, message: Any) -> None:
+        if message.type != "reply" or message.id != 1:
+            return
+        if not message.body.get("ok"):
+            self._finish(WorkerError(f"reading the ring bases failed: {message.body.get('error')}"))
+            return
+        bases = message.body.get("result", {}).get("ring_bases", {})
+        log.info("ring bases read from guest memory by a fresh worker: %s", bases)
+        self._finish({str(name): int(base) for name, base in bases.items()})
+
+    def _on_timeout(self) -> None:
+        self._finish(WorkerError("the worker reading the ring bases did not answer in time"))
+        if self.worker is not None:
+            self.worker.kill()
+            if self.channel is not None and not self.options.jail:
+                self.channel.close()
+
+    def _on_exit(self) -> None:
+        if self.channel is not None:
+            self.channel.drain()
+        how = self.worker.reap()
+        if how is None:
+            return
+        self.loop.unwatch(self.exit_fd)
+        self.worker.release()
+        if self.channel is not None:
+            self.channel.close()
+        if self.timer is not None:
+            self.timer.cancel()
+        self._finish(WorkerError(f"the worker reading the ring bases ended: {how}"))
+
+    def _finish(self, result: Any) -> None:
+        done, self.done = self.done, None
+        if done is not None:
+            done(result)
+        if not isinstance(result, WorkerError) and self.channel is not None and not self.options.jail:
+            self.channel.close()           # a thread worker ends on EOF

@@ -1,0 +1,190 @@
+"""One vhost-user front-end connection on the event loop: its socket, codec, session and
+reply buffer. Nothing here blocks.
+
+- Replies go to a buffer flushed when the socket is writable. A front-end that leaves more
+  than ``FRONTEND_HIGH_WATER`` bytes unread is not read from (so it can ask for nothing
+  more) until it is down to ``FRONTEND_LOW_WATER``; it is never disconnected for it, since
+  a guest whose connection drops with pages in the balloon hangs for good.
+- A request the session answers later (the worker has to stop or start first) is the only
+  one in flight: no further request is read until its reply is queued, so replies stay in
+  order and the codec holds at most one message.
+- Config-change notices on the backend-request channel are queued the same way (and
+  coalesced by the session).
+- Any unexpected error in this connection's handling ends this connection, with its
+  traceback in the log, and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+
+from control import vhost_user as vu
+from control.loop import EventLoop
+from control.vhost_backend import MAX_QUEUES, PENDING, FrontendGone, VhostUserSession
+from control.vmdevice import VmDevice
+
+log = logging.getLogger("vballoon.vhost")
+
+FRONTEND_HIGH_WATER = 64 * 1024    # unread vhost-user replies: stop reading the front-end
+FRONTEND_LOW_WATER = 16 * 1024     # ... and read again once this little is left
+
+
+class VhostUserPeer:
+    """Serves ``device`` to the front-end on ``conn``; ``on_closed(why)`` when it ends."""
+
+    def __init__(self, loop: EventLoop, conn: socket.socket, device: VmDevice,
+                 on_closed: Callable[[str], None]) -> None:
+        self.loop = loop
+        self.conn = conn
+        self.device = device
+        self.codec = vu.BackendConnection(max_queues=MAX_QUEUES)
+        self.session = VhostUserSession(device)
+        self.session.on_reply = self._on_late_reply
+        self.session.on_error = self._on_session_error
+        self.on_closed = on_closed
+        self.out = bytearray()
+        self.paused = False
+        self.closed = False
+        self._backend_req: socket.socket | None = None
+        device.on_config_change = self._config_changed
+        conn.setblocking(False)
+        self._update()
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        try:
+            # recvmsg, not socket.recv_fds: on 3.11 recv_fds drops its flags, and the fds
+            # must arrive close-on-exec so no child inherits them unless given on purpose.
+            data, ancillary, flags, _ = self.conn.recvmsg(
+                vu.RECV_SIZE, vu.ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+            fds = vu.fds_from_ancillary(ancillary)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.close(f"receive failed: {exc}")
+            return
+        try:
+            if data:
+                self.codec.receive_data(data, fds, fds_truncated=bool(flags & socket.MSG_CTRUNC))
+            else:
+                self.codec.receive_eof()
+            self._process()
+        except (vu.VhostUserError, FrontendGone) as exc:
+            self.close(f"vhost-user protocol error: {exc}")
+        except Exception:
+            self._on_session_error(None)
+
+    def _process(self) -> None:
+        """Handle requests until the codec needs data or one is answered later."""
+        while not self.closed and not self.session.busy:
+            event = self.codec.next_event()
+            if isinstance(event, vu.NeedData):
+                break
+            if isinstance(event, vu.ConnectionClosed):
+                self.close("front-end disconnected")
+                return
+            reply = self.session.handle(event, self.codec)
+            if reply is PENDING:
+                break
+            if reply is not None:
+                self._send(reply)
+        self._update()
+
+    def _on_late_reply(self, reply: bytes | None) -> None:
+        if self.closed:
+            return
+        try:
+            if reply is not None:
+                self._send(reply)
+            self._process()
+        except (vu.VhostUserError, FrontendGone) as exc:
+            self.close(f"vhost-user protocol error: {exc}")
+
+    def _on_session_error(self, exc: BaseException | None) -> None:
+        log.exception("unexpected error serving the front-end", exc_info=exc or True)
+        self.close("internal error")
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        self.out += data
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.closed:
+            return
+        try:
+            sent = self.conn.send(self.out) if self.out else 0
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.close(f"send failed: {exc}")
+            return
+        del self.out[:sent]
+        backlog = len(self.out)
+        if not self.paused and backlog > FRONTEND_HIGH_WATER:
+            log.warning("the front-end does not read its replies (%d bytes unread): "
+                        "not reading its requests until it does", backlog)
+            self.paused = True
+        elif self.paused and backlog <= FRONTEND_LOW_WATER:
+            log.info("the front-end reads its replies again")
+            self.paused = False
+        self._update()
+
+    def _update(self) -> None:
+        """Watch the sockets for what this connection can do now."""
+        if self.closed:
+            return
+        reading = not self.paused and not self.session.busy
+        self.loop.watch(self.conn, reader=self._readable if reading else None,
+                        writer=self._flush if self.out else None)
+        sock = self.session.backend_req
+        if sock is not self._backend_req and self._backend_req is not None:
+            self.loop.unwatch(self._backend_req)
+            self._backend_req = None
+        if sock is not None and sock.fileno() >= 0:
+            self._backend_req = sock
+            self.loop.watch(sock, reader=self._backend_req_readable,
+                            writer=self._backend_req_writable if self.session.backend_out else None)
+
+    def _backend_req_writable(self) -> None:
+        self.session.flush_backend_req()
+        self._update()
+
+    def _backend_req_readable(self) -> None:
+        # We never ask for replies on this channel; anything read is discarded, bounded.
+        sock = self._backend_req
+        try:
+            data = sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.loop.unwatch(sock)
+            self._backend_req = None
+
+    def _config_changed(self) -> None:
+        """A new target: tell the front-end (the notice is queued, sent when possible)."""
+        self.session.notify_config_change()
+        self._update()
+
+    # -- ending ----------------------------------------------------------------------------------
+
+    def close(self, why: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        log.info("%s: resetting the device", why)
+        self.loop.unwatch(self.conn)
+        if self._backend_req is not None:
+            self.loop.unwatch(self._backend_req)
+            self._backend_req = None
+        self.session.close()
+        self.codec.close()
+        self.conn.close()
+        self.out.clear()
+        self.on_closed(why)
