@@ -51,6 +51,14 @@ def human(size: int | None) -> str:
     return f"{size} B"
 
 
+def _id_range(text: str) -> tuple[int, int]:
+    from control.worker_ids import parse_range
+    try:
+        return parse_range(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vballoon", description="A virtio-balloon device "
                                      "for VMMs (vhost-user), its worker jailed.")
@@ -68,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="ask the guest for fresh stats this often (0: only on request)")
     serve.add_argument("--seccomp", choices=("kill", "log"), default="kill",
                        help="kill the worker on a denied syscall, or log it (policy writing)")
+    serve.add_argument("--worker-ids", type=_id_range, default=None, metavar="FIRST-LAST",
+                       help="as root: the uid/gid range each jailed worker gets an id of its "
+                            "own from, one no other process uses (default "
+                            "2113929216-2113994751, 0x7E000000-0x7E00FFFF)")
     serve.add_argument("--no-jail", action="store_true",
                        help="DEBUG ONLY: run the worker unjailed, as a thread")
     serve.add_argument("--log-level", default="info",
@@ -120,7 +132,8 @@ def _serve(args: argparse.Namespace) -> int:
         balloon=BalloonOptions(stats=not args.no_stats, deflate_on_oom=args.deflate_on_oom,
                                free_page_reporting=args.free_page_reporting,
                                stats_interval=args.stats_interval),
-        proxy=ProxyOptions(jail=not args.no_jail, seccomp_mode=args.seccomp))
+        proxy=ProxyOptions(jail=not args.no_jail, seccomp_mode=args.seccomp,
+                           **({"worker_ids": args.worker_ids} if args.worker_ids else {})))
     try:
         serve(options)
     except RequestError as exc:

@@ -12,10 +12,24 @@ from pathlib import Path
 from control.errors import WorkerError
 from device.worker import run_worker
 from sandbox.errors import JailError, WaitTimeout
-from sandbox.jail import JailConfig, JailedChild, spawn
+from sandbox.jail import NOBODY, JailConfig, JailedChild, Limits, spawn
 from sandbox.policy import Policy
 
 WORKER_NAME = "vballoon-worker"
+# The worker's own heap (guest memory is a shared file mapping, not counted): on top of
+# what it inherits from us at fork, the worker needs a few MiB; a hostile guest must not
+# make it grow without bound.
+WORKER_DATA_HEADROOM = 128 << 20
+
+
+def worker_limits() -> Limits:
+    """RLIMIT_DATA = this process's data size now (the worker inherits it) + headroom."""
+    inherited = 0
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmData:"):
+                inherited = int(line.split()[1]) * 1024
+    return Limits(data=inherited + WORKER_DATA_HEADROOM)
 
 
 @functools.lru_cache(maxsize=4)
@@ -66,11 +80,16 @@ class JailedWorker:
 
 
 def spawn_jailed_worker(command_fd: int, keep_fds: list[int], policy_path: Path,
-                        seccomp_mode: str) -> JailedWorker:
-    """Fork a jailed worker serving ``command_fd``; raises ``WorkerError`` if the jail fails."""
+                        seccomp_mode: str, run_as: int | None = None) -> JailedWorker:
+    """Fork a jailed worker serving ``command_fd``; raises ``WorkerError`` if the jail fails.
+
+    ``run_as``: the uid (and gid) it runs as when we are root (``control.worker_ids``);
+    None: nobody."""
     try:
         config = JailConfig(keep_fds=keep_fds, name=WORKER_NAME,
-                            seccomp=load_policy(policy_path), seccomp_mode=seccomp_mode)
+                            seccomp=load_policy(policy_path), seccomp_mode=seccomp_mode,
+                            run_as=NOBODY if run_as is None else (run_as, run_as),
+                            limits=worker_limits())
         return JailedWorker(spawn(lambda: run_worker(command_fd), config))
     except (JailError, ValueError) as exc:      # ValueError: an inconsistent JailConfig
         raise WorkerError(f"cannot start the jailed worker: {exc}") from exc

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from control import worker_ids
 from control.errors import WorkerError
 from control.loop import EventLoop, Timer
 from control.workers import WorkerHandle, spawn_worker
@@ -62,6 +64,13 @@ class ProxyOptions:
     restart_window: float = 30.0
     request_timeout: float = 5.0      # a worker silent this long is unresponsive
     kill_grace: float = 1.0           # seconds a graceful stop may take before SIGKILL
+    worker_ids: tuple[int, int] = worker_ids.DEFAULT_WORKER_IDS   # one uid/gid per worker
+
+    def acquire_id(self) -> int | None:
+        """A uid of its own for the next jailed worker, when we are root; else None."""
+        if not self.jail or os.geteuid() != 0:
+            return None
+        return worker_ids.acquire(self.worker_ids)
 
 
 @dataclass(frozen=True)
@@ -202,6 +211,7 @@ class Supervisor:
         self._unresponsive: str | None = None
         self._start_error: str | None = None
         self._exit_fd = -1
+        self._worker_id: int | None = None
         self._denied: dict[str, int] = {}
         self.counters_base: dict[str, int] = {}      # summed over workers that ended
         self.counters_current: dict[str, int] = {}   # the serving worker's latest
@@ -300,10 +310,13 @@ class Supervisor:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         keep = sorted(activation.keep_fds() | {child_end.fileno()})
         try:
+            self._worker_id = self.options.acquire_id()
             # Bounded: the jail's set-up handshake has its own deadline (a few ms normally).
-            worker = spawn_worker(child_end, keep, self.options)
+            worker = spawn_worker(child_end, keep, self.options, self._worker_id)
         except (WorkerError, OSError) as exc:
             parent_end.close()
+            worker_ids.release(self._worker_id)
+            self._worker_id = None
             self._start_failed(str(exc))
             return
         finally:
@@ -411,6 +424,8 @@ class Supervisor:
             self.loop.unwatch(self._exit_fd)
             self._exit_fd = -1
         worker.release()
+        worker_ids.release(self._worker_id)
+        self._worker_id = None
         if self._channel is not None:
             self._channel.close()
             self._channel = None
@@ -534,14 +549,17 @@ class _Probe:
         self.channel: _Channel | None = None
         self.exit_fd = -1
         self.timer: Timer | None = None
+        self.worker_id: int | None = None
 
     def start(self) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         keep = sorted({r.fd for r in self.activation.regions} | {child_end.fileno()})
         try:
-            self.worker = spawn_worker(child_end, keep, self.options)
+            self.worker_id = self.options.acquire_id()
+            self.worker = spawn_worker(child_end, keep, self.options, self.worker_id)
         except (WorkerError, OSError) as exc:
             parent_end.close()
+            worker_ids.release(self.worker_id)
             self._finish(WorkerError(f"cannot start a worker to read the rings: {exc}"))
             return
         finally:
@@ -580,6 +598,7 @@ class _Probe:
             return
         self.loop.unwatch(self.exit_fd)
         self.worker.release()
+        worker_ids.release(self.worker_id)
         if self.channel is not None:
             self.channel.close()
         if self.timer is not None:

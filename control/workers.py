@@ -88,13 +88,14 @@ class ThreadWorker:
         return {}
 
 
-def spawn_worker(command: socket.socket, keep_fds: list[int], options) -> WorkerHandle:
+def spawn_worker(command: socket.socket, keep_fds: list[int], options,
+                 run_as: int | None = None) -> WorkerHandle:
     """Start a worker serving the command socket ``command`` (the child's end).
 
     ``keep_fds`` is everything the worker may hold. With ``options.jail`` it is forked into
-    the jail with exactly those fds and the balloon's seccomp policy.
+    the jail with exactly those fds and the balloon's seccomp policy, as uid/gid ``run_as``.
     """
     if not options.jail:
         return ThreadWorker(command)
     return spawn_jailed_worker(command.fileno(), keep_fds, options.policy or SECCOMP_POLICY,
-                               options.seccomp_mode)
+                               options.seccomp_mode, run_as)

@@ -66,6 +66,7 @@ class ChildLimits:
     fsize: int | None
     nproc: int | None
     core: int | None
+    data: int | None = None
 
 
 @dataclass(frozen=True)
@@ -402,6 +403,7 @@ def _set_limits(plan: ChildPlan) -> None:
         # Counted per uid and ignored for root outside a user namespace; seccomp
         # forbids fork anyway, this is the second lock.
         (resource.RLIMIT_NPROC, plan.limits.nproc),
+        (resource.RLIMIT_DATA, plan.limits.data),
     ):
         if value is not None:
             resource.setrlimit(limit, (value, value))

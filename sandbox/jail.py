@@ -79,6 +79,9 @@ class Limits:
     fsize: int | None = 0
     nproc: int | None = 0
     core: int | None = 0
+    data: int | None = None
+    """RLIMIT_DATA in bytes: the private writable memory (heap) it may have in all,
+    counting what it inherits from the parent at fork."""
 
 
 @dataclass(frozen=True)
@@ -411,7 +414,8 @@ def _make_plan(config: JailConfig) -> _child.ChildPlan:
         run_as=config.run_as,
         mount_point=next((p for p in MOUNT_POINTS if os.path.isdir(p)), "/tmp"),
         name=config.name,
-        limits=_child.ChildLimits(fsize=config.limits.fsize, nproc=config.limits.nproc, core=config.limits.core),
+        limits=_child.ChildLimits(fsize=config.limits.fsize, nproc=config.limits.nproc, core=config.limits.core,
+                                  data=config.limits.data),
         dumpable=config.dumpable,
         filter=loadable,
         log_mode=mode == "log",

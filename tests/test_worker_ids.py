@@ -1,0 +1,161 @@
+"""Each jailed worker runs as a uid/gid of its own that no other process on the host uses
+(issue 10.4): no other VM's worker, and no unrelated process running as ``nobody``, can
+signal it."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from control.errors import WorkerError
+from control.proxy import ProxyBalloon, ProxyOptions
+from control.worker_ids import DEFAULT_WORKER_IDS, ids_in_use, parse_range
+from device.balloon import BalloonOptions
+from tests.driver import BalloonDriver, GuestRam, MIB
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="ids are switched to as root")
+
+
+def _ids(pid: int) -> tuple[set[int], set[int]]:
+    uids = gids = set()
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                uids = {int(v) for v in line.split()[1:]}
+            elif line.startswith("Gid:"):
+                gids = {int(v) for v in line.split()[1:]}
+    return uids, gids
+
+
+@pytest.fixture
+def devices():
+    made = []
+
+    def make(**options):
+        ram = GuestRam(16 * MIB)
+        proxy = ProxyBalloon(BalloonOptions(), ProxyOptions(**options))
+        proxy.ack_features(proxy.device_features)
+        driver = BalloonDriver(ram, proxy.queue_names(), proxy.acked_features,
+                               write_config=proxy.write_config)
+        made.append((proxy, driver, ram))
+        return proxy, driver, ram
+    yield make
+    for proxy, driver, ram in made:
+        proxy.close()
+        driver.close()
+        ram.close()
+
+
+def _activate(make, **options):
+    proxy, driver, ram = make(**options)
+    proxy.activate([ram.region()], driver.specs())
+    return proxy
+
+
+def test_each_worker_runs_as_an_id_no_other_process_uses(devices):
+    first, second = _activate(devices), _activate(devices)
+    low, high = DEFAULT_WORKER_IDS
+    seen = []
+    for proxy in (first, second):
+        uids, gids = _ids(proxy.worker.pid)
+        assert len(uids) == 1 and uids == gids            # real, effective, saved, fs alike
+        (uid,) = uids
+        assert low <= uid <= high and uid != 65534
+        reaper = proxy.worker.child.reaper_pid
+        assert _ids(reaper) == (uids, gids)                # the reaper too
+        seen.append(uid)
+    assert seen[0] != seen[1]
+    # Nothing else on the host runs with them.
+    holders = [pid for pid in os.listdir("/proc") if pid.isdigit()
+               and int(pid) not in (first.worker.pid, second.worker.pid,
+                                    first.worker.child.reaper_pid, second.worker.child.reaper_pid)
+               and seen[0] in _safe_ids(int(pid))]
+    assert holders == []
+
+
+def _safe_ids(pid: int) -> set[int]:
+    try:
+        uids, gids = _ids(pid)
+    except OSError:
+        return set()
+    return uids | gids
+
+
+def _run_as(uid: int):
+    """A process running as ``uid`` until its pipe closes; returns (pid, write end)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(w)
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            os.read(r, 1)
+        finally:
+            os._exit(0)
+    os.close(r)
+    return pid, w
+
+
+def test_an_id_some_process_uses_is_skipped_and_a_full_range_is_a_clear_error(devices):
+    low = DEFAULT_WORKER_IDS[0] + 4242
+    squatter, lifeline = _run_as(low)
+    try:
+        from tests.driver import wait_for
+        wait_for(lambda: low in ids_in_use(), what="the squatter's uid")
+        proxy = _activate(devices, worker_ids=(low, low + 1))
+        assert _ids(proxy.worker.pid)[0] == {low + 1}
+        with pytest.raises(WorkerError, match="in use"):
+            _activate(devices, worker_ids=(low, low + 1))
+    finally:
+        os.close(lifeline)
+        os.waitpid(squatter, 0)
+
+
+def test_a_process_running_as_nobody_cannot_signal_the_worker(devices):
+    """Before, every worker ran as 65534: any process of nobody's could kill or stop it."""
+    proxy = _activate(devices)
+    target = proxy.worker.pid
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            try:
+                os.kill(target, signal.SIGSTOP)
+                code = 1
+            except PermissionError:
+                code = 2
+        finally:
+            os.write(w, bytes([code]))
+            os._exit(0)
+    os.close(w)
+    result = os.read(r, 1)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert result == b"\x02"                              # EPERM
+    assert proxy.state == "active"
+
+
+def test_worker_heap_is_limited(devices):
+    proxy = _activate(devices)
+    with open(f"/proc/{proxy.worker.pid}/limits") as f:
+        line = next(line for line in f if line.startswith("Max data size"))
+    soft = line.split()[3]
+    assert soft != "unlimited" and int(soft) > 128 << 20
+
+
+@pytest.mark.parametrize("text", ["", "5", "10-5", "0-100", "x-y", "1000-4294967295"])
+def test_bad_id_ranges_are_refused(text):
+    with pytest.raises(ValueError):
+        parse_range(text)
+
+
+def test_id_range_parses():
+    assert parse_range("0x7E000000-0x7E00FFFF") == DEFAULT_WORKER_IDS
