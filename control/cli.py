@@ -1,4 +1,5 @@
-"""The ``vballoon`` command line: ``serve``, ``set``, ``adjust``, ``status``, ``stats``.
+"""The ``vballoon`` command line: ``serve``, ``set``, ``adjust``, ``status``, ``stats``,
+``reset``.
 
 Exit status: 0 success, 1 an error (refused request, no server, timeout, stalled guest),
 2 bad usage (argparse's own convention).
@@ -86,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
                        choices=("debug", "info", "warning", "error"))
 
     for verb, text in (("set", "set the balloon size"), ("adjust", "move the target by pages"),
-                       ("status", "show the balloon's state"), ("stats", "show guest stats")):
+                       ("status", "show the balloon's state"), ("stats", "show guest stats"),
+                       ("reset", "restart a failed device's worker (its rings resume)")):
         p = sub.add_parser(verb, help=text)
         p.add_argument("--control", default=DEFAULT_CONTROL, help="control socket path")
         if verb == "set":
@@ -204,6 +206,12 @@ def _adjust(client: ControlClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _reset(client: ControlClient, args: argparse.Namespace) -> int:
+    status = client.request("reset")
+    print(f"state {status['state']}")
+    return 0
+
+
 def _status(client: ControlClient, args: argparse.Namespace) -> int:
     status = client.request("status")
     if args.json:
@@ -244,7 +252,7 @@ def _table(rows: list[tuple[str, object]]) -> None:
         print(f"{name:<{width}}  {value}")
 
 
-_VERBS = {"set": _set, "adjust": _adjust, "status": _status, "stats": _stats}
+_VERBS = {"set": _set, "adjust": _adjust, "status": _status, "stats": _stats, "reset": _reset}
 
 
 if __name__ == "__main__":

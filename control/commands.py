@@ -16,7 +16,7 @@ from control.vmdevice import VmDevice
 from device.balloon import PAGE_SIZE, feature_names
 from device.stats import STAT_NAMES
 
-COMMANDS = ("status", "stats", "set", "adjust", "wait")
+COMMANDS = ("status", "stats", "set", "adjust", "wait", "reset")
 MAX_WAIT = 3600.0
 
 
@@ -107,6 +107,12 @@ def handle(device: VmDevice | None, message: dict) -> dict[str, Any] | WaitReque
         if type(pages) is not int:
             raise RequestError(f"'pages' must be a whole number, not {pages!r}")
         _device(device).adjust_pages(pages)
+        return status(device)
+    if cmd == "reset":
+        _check_fields(message, set())
+        target = _device(device)
+        if not target.recover():
+            raise RequestError(f"the device is {target.state}, not failed: nothing to reset")
         return status(device)
     if cmd == "wait":
         _check_fields(message, {"timeout", "stall"})

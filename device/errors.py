@@ -72,8 +72,9 @@ class FeatureError(HostError):
     """Features acknowledged that the device never offered."""
 
 
-class ConfigAccessError(DeviceError):
-    """A config space access outside the fields the driver may touch."""
+class ConfigAccessError(GuestError):
+    """A config space write outside the fields the driver may touch (the driver's doing,
+    relayed by the VMM): refused, nothing written."""
 
 
 class InvalidTarget(HostError):

@@ -204,3 +204,56 @@ def test_a_guest_cannot_make_one_worker_pass_long(tmp_path, ram):
         assert _time.monotonic() - start < 1.0
         assert state["counters"]["inflate_buffers"] < inflate.size
         driver.wait_used("inflate", inflate.size)
+
+
+def _crash_until_failed(server, options) -> None:
+    """SIGKILL each worker as it comes up until the device gives up (max_restarts=1)."""
+    for _ in range(2):
+        pid = wait_for(lambda: server.server.device.state == "active"
+                       and _worker_pid(server), what="a worker")
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: server.server.device.state != "active"
+                 or _worker_pid(server) != pid, what="the death noticed")
+    wait_for(lambda: server.server.device.state == "failed", what="the failed state")
+
+
+@pytest.mark.parametrize("how", ["set", "reset"])
+def test_operator_restarts_a_failed_device(tmp_path, ram, how):
+    """Issue 10.10: only the VMM could bring a failed device back; now a new target (or
+    ``vballoon reset``) restarts its worker, resuming the rings."""
+    proxy = ProxyOptions(jail=True, max_restarts=1, restart_window=60)
+    with served_device(tmp_path, ram, proxy=proxy) as (server, _, driver, options):
+        ram.populate()
+        _crash_until_failed(server, options)
+        with ControlClient(options.control_path) as client:
+            if how == "set":
+                client.request("set", size=MIB)
+            else:
+                assert client.request("reset")["state"] in ("starting", "active")
+            wait_for(lambda: client.request("status")["state"] == "active", what="recovery")
+        driver.inflate(256)
+        assert ram.host_bytes() == ram.size - 256 * PAGE
+
+
+def test_reset_of_a_device_that_has_not_failed_is_refused(served):
+    _, _, _, options = served
+    with ControlClient(options.control_path) as client:
+        with pytest.raises(Exception, match="not failed"):
+            client.request("reset")
+        assert client.request("status")["state"] == "active"
+
+
+def test_reset_owner_forgets_the_guest_memory_size(served):
+    """Issue 16 defect: after RESET_OWNER, ``set`` was checked against the old memory."""
+    server, frontend, _, options = served
+    assert frontend.ack(vu.ResetOwner(need_reply=True))
+    with ControlClient(options.control_path) as client:
+        status = client.request("status")
+        assert status["guest_memory_bytes"] is None and status["state"] == "idle"
+        with pytest.raises(Exception, match="no guest"):
+            client.request("set", size=MIB)
+
+
+def test_config_access_errors_are_the_guests():
+    from device.errors import ConfigAccessError, GuestError
+    assert issubclass(ConfigAccessError, GuestError)
