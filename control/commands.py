@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from control.api import Counters, Stats, Status
 from control.errors import RequestError
 from control.vmdevice import VmDevice
 from device.balloon import PAGE_SIZE, feature_names
-from device.stats import STAT_NAMES
 
 COMMANDS = ("status", "stats", "set", "adjust", "wait", "reset")
 MAX_WAIT = 3600.0
@@ -40,36 +40,34 @@ def _check_fields(message: dict, allowed: set[str]) -> None:
 
 
 def status(device: VmDevice | None) -> dict[str, Any]:
-    """The status map (its field names are a contract; see README)."""
+    """The status map (``control.api.Status``; its field names are a contract)."""
     if device is None:
-        return {"state": "waiting", "connected": False, "target_bytes": 0, "actual_bytes": 0,
-                "worker_pid": None, "worker_restarts": 0, "features": [],
-                "guest_memory_bytes": None, "last_worker_exit": None, "seccomp_denials": None}
+        return Status(state="waiting", connected=False, target_bytes=0, actual_bytes=0,
+                      worker_pid=None, worker_restarts=0, features=[], guest_memory_bytes=None,
+                      last_worker_exit=None, seccomp_denials=None).to_json()
     worker = device.worker
-    return {"state": device.state, "connected": True,
-            "target_bytes": device.config.num_pages * PAGE_SIZE,
-            "actual_bytes": device.config.actual * PAGE_SIZE,
-            "worker_pid": worker.pid if worker is not None else None,
-            "worker_restarts": device.restarts,
-            "features": feature_names(device.acked_features),
-            "guest_memory_bytes": None if device.guest_pages is None
-            else device.guest_pages * PAGE_SIZE,
-            "last_worker_exit": device.last_exit,
-            "seccomp_denials": device.denials()}
+    return Status(state=device.state, connected=True,
+                  target_bytes=device.config.num_pages * PAGE_SIZE,
+                  actual_bytes=device.config.actual * PAGE_SIZE,
+                  worker_pid=worker.pid if worker is not None else None,
+                  worker_restarts=device.restarts,
+                  features=feature_names(device.acked_features),
+                  guest_memory_bytes=None if device.guest_pages is None
+                  else device.guest_pages * PAGE_SIZE,
+                  last_worker_exit=device.last_exit,
+                  seccomp_denials=device.denials(),
+                  counters=Counters.from_values(device.counters())).to_json()
 
 
 def stats(device: VmDevice | None, refresh: bool) -> dict[str, Any]:
     """The latest guest statistics by Firecracker's names; None for what never arrived."""
     snapshot = device.stats if device is not None else None
-    values = snapshot.values if snapshot is not None else {}
-    result: dict[str, Any] = {name: values.get(name) for name in STAT_NAMES.values()}
     updated = snapshot.updated_wall if snapshot is not None else None
-    result["updated_at"] = updated
-    result["age_seconds"] = None if not updated else max(0.0, time.time() - updated)
-    result["refresh_requested"] = False
-    if refresh and device is not None:
-        result["refresh_requested"] = device.request_stats()
-    return result
+    requested = bool(refresh and device is not None and device.request_stats())
+    return Stats(values=dict(snapshot.values) if snapshot is not None else {},
+                 updated_at=updated,
+                 age_seconds=None if not updated else max(0.0, time.time() - updated),
+                 refresh_requested=requested).to_json()
 
 
 def _device(device: VmDevice | None) -> VmDevice:

@@ -53,6 +53,7 @@ IDLE, STARTING, ACTIVE, STOPPING = "idle", "starting", "active", "stopping"
 RESTARTING, FAILED, UNRESPONSIVE = "restarting", "failed", "unresponsive"
 MAX_OUTGOING = 64               # datagrams queued for a worker that is not reading
 MAX_READS_PER_WAKE = 64         # datagrams read from the worker before others get a turn
+GAUGES = frozenset({"pending_pages"})   # counters that are a level, not a running total
 
 
 @dataclass(frozen=True)
@@ -441,7 +442,7 @@ class Supervisor:
                         ", ".join(f"{name} x{count}" for name, count in sorted(seen.items())))
         final = self._stop_state.get("counters") if self._stop_state else None
         for name, value in (final or self.counters_current).items():
-            if type(value) is int:
+            if type(value) is int and name not in GAUGES:
                 self.counters_base[name] = self.counters_base.get(name, 0) + value
         self.counters_current = {}
         pending, self._pending = self._pending, {}

@@ -5,7 +5,7 @@ bytes. Every message carries the protocol version ``v``, a ``type`` and a reques
 
     parent -> worker requests      activate, kill, ring_bases, stats, state, ping
     worker -> parent replies       reply  {id, ok: true, ...} | {id, ok: false, error: "..."}
-    worker -> parent events (id 0) stats_event, log, error
+    worker -> parent events (id 0) stats_event, counters, log, error
 
 ``ring_bases`` is sent to a fresh worker to read where each ring stands (its used index in
 guest memory) when the serving one could not say; the worker answers and ends. Config space
@@ -78,11 +78,12 @@ SCHEMAS: dict[str, dict[str, Field]] = {
               "result": Field(dict, optional=True)},
     # events
     "stats_event": {"values": _STATS, "updated": Field(float, 0, None)},
+    "counters": {"values": Field(dict, items=_int(0, U64), max_items=32)},
     "log": {"level": _int(0, 100), "message": _TEXT},
     "error": {"queue": Field(str, 0, 32), "message": _TEXT},
 }
 REQUESTS = frozenset({"activate", "kill", "ring_bases", "stats", "state", "ping"})
-EVENTS = frozenset({"stats_event", "log", "error"})
+EVENTS = frozenset({"stats_event", "counters", "log", "error"})
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from device.virtqueue import QueueConfig
 
 MAX_ERROR_EVENTS_PER_SECOND = 20
 MAX_COMMANDS_PER_PASS = 64
+COUNTERS_INTERVAL = 0.2          # seconds between counter reports while they move
 _POLL_IN = select.POLLIN | select.POLLPRI
 _POLL_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
@@ -64,6 +65,11 @@ class Worker:
         self.poller.register(command_fd, _POLL_IN)
         self._errors_window = (0.0, 0)
         self.suppressed_errors = 0
+        self.kicks = 0
+        # Counters go to the parent at most every COUNTERS_INTERVAL, only when they moved
+        # (no wake-ups when idle), so they survive this worker's death (issue 16.5).
+        self._counters_dirty = False
+        self._counters_sent_at = 0.0
         # A logger of its own, outside logging's registry: handlers inherited from the
         # parent would write to fd numbers that mean something else inside the jail, and
         # workers run as threads must not pile handlers onto one shared logger.
@@ -71,7 +77,10 @@ class Worker:
         self.log.addHandler(_EventLogHandler(self))
 
     def send(self, data: bytes) -> None:
-        os.write(self.command_fd, data)
+        try:
+            os.write(self.command_fd, data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.running = False        # the parent is gone (or ended us): nothing to tell
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -88,21 +97,39 @@ class Worker:
                         self.running = False
                 elif fd in self.kick_fds:
                     drain_fd(fd)
+                    self.kicks += 1
+                    self._counters_dirty = True
                     self.again.add(self.kick_fds[fd])
             if self.queues is not None and self.running:
                 for name in sorted(self.again):
                     self.queues.process(name)
                     if not self.queues.has_pending(name):
                         self.again.discard(name)
-                self.queues.tick(time.monotonic())
+                now = time.monotonic()
+                self.queues.tick(now)
+                if self._counters_dirty and now - self._counters_sent_at >= COUNTERS_INTERVAL:
+                    self._send_counters(now)
         self._unmap()
+
+    def counters(self) -> dict[str, int]:
+        values = asdict(self.queues.counters) if self.queues is not None else {}
+        return {**values, "kicks": self.kicks, "suppressed_errors": self.suppressed_errors}
+
+    def _send_counters(self, now: float) -> None:
+        self._counters_dirty = False
+        self._counters_sent_at = now
+        self.send(event("counters", values=self.counters()))
 
     def _timeout(self) -> int | None:
         if self.queues is None:
             return None
         if self.again:
             return 0
-        due = self.queues.stats_timeout(time.monotonic())
+        now = time.monotonic()
+        due = self.queues.stats_timeout(now)
+        if self._counters_dirty:
+            left = max(0.0, self._counters_sent_at + COUNTERS_INTERVAL - now)
+            due = left if due is None else min(due, left)
         return None if due is None else int(due * 1000) + 1
 
     def _on_commands(self) -> None:
@@ -214,8 +241,7 @@ class Worker:
         if self.queues is None:
             return {"active": False}
         return {"active": True, "ring_bases": self.queues.ring_bases(),
-                "counters": asdict(self.queues.counters),
-                "suppressed_errors": self.suppressed_errors}
+                "counters": self.counters(), "suppressed_errors": self.suppressed_errors}
 
     # -- events ------------------------------------------------------------------------------
 

@@ -257,3 +257,24 @@ def test_reset_owner_forgets_the_guest_memory_size(served):
 def test_config_access_errors_are_the_guests():
     from device.errors import ConfigAccessError, GuestError
     assert issubclass(ConfigAccessError, GuestError)
+
+
+def test_counters_in_status_survive_worker_restarts(tmp_path, ram):
+    """Issue 16.5: operator-visible counters, summed over every worker the device ran."""
+    with served_device(tmp_path, ram, proxy=ProxyOptions(jail=True)) as (server, _, driver,
+                                                                          options):
+        ram.populate()
+        driver.inflate(512)
+        with ControlClient(options.control_path) as client:
+            wait_for(lambda: client.request("status")["counters"]["inflated_pages"] == 512,
+                     what="the first worker's counters")
+            victim = _worker_pid(server)
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: client.request("status")["state"] == "active"
+                     and _worker_pid(server) != victim, what="a replacement")
+            driver.inflate(256)
+            wait_for(lambda: client.request("status")["counters"]["inflated_pages"] == 768,
+                     what="counters summed over both workers")
+            counters = client.request("status")["counters"]
+        assert counters["inflate_buffers"] == 3 and counters["worker_restarts"] == 1
+        assert counters["released_pages"] == 768 and counters["kicks"] >= 3
