@@ -73,6 +73,8 @@ class Rig:
     def close(self) -> None:
         try:
             self.device.reset()
+            if isinstance(self.device, ProxyBalloon):
+                self.device.close()         # its loop thread too
         finally:
             self.driver.close()
 

@@ -7,6 +7,7 @@ seccomp policy file) meet the jail, the way crosvm wires a device into a ``Proxy
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 from control.errors import WorkerError
@@ -14,6 +15,8 @@ from device.worker import run_worker
 from sandbox.errors import JailError, WaitTimeout
 from sandbox.jail import NOBODY, JailConfig, JailedChild, Limits, spawn
 from sandbox.policy import Policy
+
+log = logging.getLogger("vballoon.jail")
 
 WORKER_NAME = "vballoon-worker"
 # The worker's own heap (guest memory is a shared file mapping, not counted): on top of
@@ -49,13 +52,20 @@ class JailedWorker:
         return self.child.fileno()
 
     def stop(self, grace: float) -> None:
-        """Wait up to ``grace`` seconds for the worker to end, then SIGKILL it; reap it."""
+        """Wait up to ``grace`` seconds for the worker to end, then SIGKILL it and reap it,
+        waiting at most ``grace`` more. A worker that still has not ended (a cgroup v1
+        freezer holds SIGKILL until thawed) is left to the kernel: it dies with us
+        (PDEATHSIG), and nothing here waits longer."""
         if self.child.poll() is None:
             try:
                 self.child.wait(grace)
             except WaitTimeout:
                 self.child.kill()
-                self.child.wait(5.0)
+                try:
+                    self.child.wait(grace)
+                except WaitTimeout:
+                    log.error("worker %d did not end after SIGKILL: left behind", self.pid)
+                    return
         self.child.close()
 
     def kill(self) -> None:
