@@ -24,6 +24,7 @@ from control.supervisor import (ACTIVE, FAILED, IDLE, RESTARTING, UNRESPONSIVE, 
                                 ProxyOptions)
 from control.vmdevice import SettleResult, SettleWatch, VmDevice  # noqa: F401 (re-exported)
 from device.balloon import BalloonOptions, QueueSpec
+from device.command import SIMPLE_REQUESTS
 from device.memory import MemoryRegion
 
 __all__ = ["ProxyBalloon", "ProxyOptions", "SettleResult", "SettleWatch",
@@ -199,11 +200,13 @@ class ProxyBalloon:
 
     # -- talking to the worker -----------------------------------------------------------------
 
-    def request(self, kind: str, timeout: float | None = None, **body: Any) -> dict:
-        """Ask the worker and wait for its reply; raises ``WorkerError``."""
+    def request(self, kind: str, timeout: float | None = None) -> dict:
+        """Ask the worker (``"state"``, ``"stats"``, ``"ping"``, ``"kill"``) and wait for
+        its reply; raises ``WorkerError``."""
         limit = self.proxy.request_timeout if timeout is None else timeout
-        result = self._wait(lambda done: self.device.supervisor.request(kind, done, timeout,
-                                                                         **body), limit + 5)
+        message = SIMPLE_REQUESTS[kind]()
+        result = self._wait(lambda done: self.device.supervisor.request(message, done, timeout),
+                            limit + 5)
         if isinstance(result, Exception):
             raise result if isinstance(result, WorkerError) else WorkerError(str(result))
         return result

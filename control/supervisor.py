@@ -44,7 +44,9 @@ from control.errors import WorkerError
 from control.loop import EventLoop, Timer
 from control.workers import WorkerHandle, spawn_worker
 from device.balloon import QueueSpec
-from device.command import MAX_MESSAGE, ProtocolError, decode, request
+from device.command import (MAX_MESSAGE, Activate, CountersEvent, Envelope, ErrorEvent, Kill,
+                            LogEvent, Message, Ping, ProtocolError, RegionSpec, Reply, RingBases,
+                            RingSpec, StatsEvent, UsedRing, decode, encode)
 from device.memory import MemoryRegion
 
 log = logging.getLogger("vballoon.supervisor")
@@ -87,20 +89,20 @@ class Activation:
         return ({r.fd for r in self.regions} | {q.kick_fd for q in self.queues}
                 | {q.call_fd for q in self.queues})
 
-    def regions_body(self) -> list[dict]:
-        return [{"guest_addr": r.guest_addr, "size": r.size, "fd": r.fd,
-                 "file_offset": r.file_offset, "user_addr": r.user_addr,
-                 "page_size": r.page_size} for r in self.regions]
+    def region_specs(self) -> list[RegionSpec]:
+        return [RegionSpec(r.guest_addr, r.size, r.fd, r.file_offset, r.user_addr, r.page_size)
+                for r in self.regions]
 
-    def activate_body(self, resume: bool) -> dict:
-        queues = [{"size": q.config.size, "desc": q.config.desc_addr,
-                   "avail": q.config.avail_addr, "used": q.config.used_addr,
-                   "event_idx": q.config.event_idx, "indirect": q.config.indirect,
-                   "kick_fd": q.kick_fd, "call_fd": q.call_fd,
-                   "next_avail": None if resume else q.next_avail}
+    def activate_message(self, resume: bool) -> Activate:
+        queues = [RingSpec(q.config.size, q.config.desc_addr, q.config.avail_addr,
+                           q.config.used_addr, q.config.event_idx, q.config.indirect,
+                           q.kick_fd, q.call_fd, None if resume else q.next_avail)
                   for q in self.queues]
-        return {"features": self.features, "regions": self.regions_body(), "queues": queues,
-                "stats_interval": float(self.stats_interval)}
+        return Activate(self.features, float(self.stats_interval), self.region_specs(), queues)
+
+    def ring_bases_message(self) -> RingBases:
+        return RingBases(self.features, self.region_specs(),
+                         [UsedRing(q.config.used_addr) for q in self.queues])
 
 
 Done = Callable[[Any], None]        # hears a result, or a WorkerError
@@ -117,7 +119,7 @@ class _Channel:
     """One worker's command socket: a bounded queue of datagrams out, decoded messages in."""
 
     def __init__(self, loop: EventLoop, sock: socket.socket,
-                 on_message: Callable[[Any], None], on_full: Callable[[], None]) -> None:
+                 on_message: Callable[[Envelope], None], on_full: Callable[[], None]) -> None:
         self.loop = loop
         self.sock = sock
         self.out: collections.deque[bytes] = collections.deque()
@@ -167,11 +169,11 @@ class _Channel:
                 self.loop.unwatch(self.sock)
                 return
             try:
-                message = decode(data)
+                envelope = decode(data)
             except ProtocolError as exc:
                 log.warning("worker sent a bad message: %s", exc)
                 continue
-            self.on_message(message)
+            self.on_message(envelope)
 
     def drain(self) -> None:
         """Read what is left (the worker has ended: its last replies and events)."""
@@ -253,7 +255,7 @@ class Supervisor:
         if start_done is not None:
             start_done(WorkerError("stopped before it started serving"))
         if was == ACTIVE:
-            self._request("kill", self._on_kill_reply, self.options.kill_grace)
+            self._request(Kill(), self._on_kill_reply, self.options.kill_grace)
         else:                              # starting, or unresponsive: nothing to ask
             self._kill()
 
@@ -274,18 +276,18 @@ class Supervisor:
         self._set_state(IDLE)
         self._finish_stop()
 
-    def request(self, kind: str, done: Done, timeout: float | None = None, **body: Any) -> None:
+    def request(self, message: Message, done: Done, timeout: float | None = None) -> None:
         """Ask the serving worker; ``done(result)`` or ``done(WorkerError)``, never later
         than ``timeout`` (default ``request_timeout``), after which it is unresponsive."""
         if self.state != ACTIVE or self._channel is None:
             done(WorkerError(f"no worker to ask ({self.state})"))
             return
-        self._request(kind, done, timeout, **body)
+        self._request(message, done, timeout)
 
     def check_alive(self) -> None:
         """Make sure a liveness check is running: any outstanding request is one."""
         if self.state == ACTIVE and not self._pending:
-            self._request("ping", lambda result: None, None)
+            self._request(Ping(), lambda result: None, None)
 
     def denials(self) -> dict[str, int] | None:
         """``--seccomp log``: syscalls outside the policy so far, by name; else None."""
@@ -326,8 +328,8 @@ class Supervisor:
         self._channel = _Channel(self.loop, parent_end, self._on_message, self._on_queue_full)
         self._exit_fd = worker.exit_fd()
         self.loop.watch(self._exit_fd, reader=self._on_exit)
-        self._request("activate", lambda result: self._on_activated(worker, result), None,
-                      **activation.activate_body(resume))
+        self._request(activation.activate_message(resume),
+                      lambda result: self._on_activated(worker, result), None)
 
     def _on_activated(self, worker: WorkerHandle, result: Any) -> None:
         if self.state != STARTING or self.worker is not worker:
@@ -470,13 +472,14 @@ class Supervisor:
 
     # -- talking to the worker ---------------------------------------------------------------
 
-    def _request(self, kind: str, done: Done, timeout: float | None, **body: Any) -> None:
+    def _request(self, message: Message, done: Done, timeout: float | None) -> None:
         ident = self._next_id
         self._next_id += 1
+        kind = message.TYPE
         timer = self.loop.call_later(self.options.request_timeout if timeout is None else timeout,
                                      lambda: self._on_timeout(ident))
         self._pending[ident] = _Pending(kind, done, timer)
-        if not self._channel.send(request(kind, ident, **body)):
+        if not self._channel.send(encode(message, ident)):
             pending = self._pending.pop(ident, None)
             if pending is not None:
                 timer.cancel()
@@ -503,27 +506,28 @@ class Supervisor:
         log.error("worker %s is %s: replacing it", getattr(worker, "pid", "?"), why)
         self._kill()                       # its end is handled like any death
 
-    def _on_message(self, message: Any) -> None:
-        body = message.body
-        if message.type == "reply":
-            pending = self._pending.pop(message.id, None)
-            if pending is None:
-                return
-            pending.timer.cancel()
-            if body.get("ok"):
-                pending.done(body.get("result") or {})
-            else:
-                pending.done(WorkerError(f"the worker refused {pending.kind!r}: "
-                                         f"{body.get('error')}"))
-        elif message.type == "log":
-            log.log(body["level"], "worker: %s", body["message"])
-        elif message.type == "error":
-            log.warning("guest error on %s queue: %s", body["queue"], body["message"])
-        elif message.type == "counters":
-            self.counters_current = dict(body["values"])
-            self.on_event("counters", body)
-        else:
-            self.on_event(message.type, body)
+    def _on_message(self, envelope: Envelope) -> None:
+        match envelope.message:
+            case Reply(ok=ok, error=error, result=result):
+                pending = self._pending.pop(envelope.id, None)
+                if pending is None:
+                    return
+                pending.timer.cancel()
+                if ok:
+                    pending.done(result or {})
+                else:
+                    pending.done(WorkerError(f"the worker refused {pending.kind!r}: {error}"))
+            case LogEvent(level=level, message=text):
+                log.log(level, "worker: %s", text)
+            case ErrorEvent(queue=queue, message=text):
+                log.warning("guest error on %s queue: %s", queue, text)
+            case CountersEvent(values=values):
+                self.counters_current = dict(values)
+                self.on_event("counters", {"values": values})
+            case StatsEvent(values=values, updated=updated):
+                self.on_event("stats_event", {"values": values, "updated": updated})
+            case other:
+                log.warning("worker sent a %s, which only the parent sends", other.TYPE)
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
@@ -569,18 +573,16 @@ class _Probe:
         self.exit_fd = self.worker.exit_fd()
         self.loop.watch(self.exit_fd, reader=self._on_exit)
         self.timer = self.loop.call_later(self.options.request_timeout, self._on_timeout)
-        self.channel.send(request(
-            "ring_bases", 1, features=self.activation.features,
-            regions=self.activation.regions_body(),
-            queues=[{"used": q.config.used_addr} for q in self.activation.queues]))
+        self.channel.send(encode(self.activation.ring_bases_message(), 1))
 
-    def _on_message(self, message: Any) -> None:
-        if message.type != "reply" or message.id != 1:
+    def _on_message(self, envelope: Envelope) -> None:
+        reply = envelope.message
+        if not isinstance(reply, Reply) or envelope.id != 1:
             return
-        if not message.body.get("ok"):
-            self._finish(WorkerError(f"reading the ring bases failed: {message.body.get('error')}"))
+        if not reply.ok:
+            self._finish(WorkerError(f"reading the ring bases failed: {reply.error}"))
             return
-        bases = message.body.get("result", {}).get("ring_bases", {})
+        bases = (reply.result or {}).get("ring_bases", {})
         log.info("ring bases read from guest memory by a fresh worker: %s", bases)
         self._finish({str(name): int(base) for name, base in bases.items()})
 

@@ -19,6 +19,7 @@ from control.errors import RequestError, WorkerError
 from control.loop import EventLoop
 from control.supervisor import (ACTIVE, FAILED, IDLE, Activation, Done, ProxyOptions,
                                 Supervisor, read_ring_bases)
+from device.command import RequestStats
 from device.balloon import PAGE_SIZE, BalloonControl, BalloonOptions, QueueSpec
 from device.errors import DeviceError, InvalidTarget
 from device.memory import MemoryRegion, validate_regions
@@ -208,7 +209,7 @@ class VmDevice:
         waits. False if there is no worker to ask."""
         if self.state != ACTIVE:
             return False
-        self.supervisor.request("stats", lambda result: None)
+        self.supervisor.request(RequestStats(), lambda result: None)
         return True
 
     # -- the operator's size API ---------------------------------------------------------------

@@ -1,25 +1,32 @@
-"""The command protocol between the parent (proxy) and the jailed worker: msgpack, sans-I/O.
+"""The command protocol between the parent and the jailed worker: typed messages, msgpack,
+sans-I/O.
 
-One message is one msgpack map in one SOCK_SEQPACKET datagram of at most ``MAX_MESSAGE``
-bytes. Every message carries the protocol version ``v``, a ``type`` and a request ``id``:
+Every message is a frozen dataclass below; its fields, their types and the bounds in their
+metadata are the whole schema, and one encoder/decoder (``encode``/``decode``) is derived
+from them. On the wire a message is one msgpack map in one SOCK_SEQPACKET datagram of at
+most ``MAX_MESSAGE`` bytes: ``{"v": 1, "type": TYPE, "id": int, **fields}``.
 
-    parent -> worker requests      activate, kill, ring_bases, stats, state, ping
-    worker -> parent replies       reply  {id, ok: true, ...} | {id, ok: false, error: "..."}
-    worker -> parent events (id 0) stats_event, counters, log, error
+    parent -> worker requests      Activate, Kill, RingBases, RequestStats, GetState, Ping
+    worker -> parent replies       Reply(ok, error, result) with the request's id
+    worker -> parent events (id 0) StatsEvent, CountersEvent, LogEvent, ErrorEvent
 
-``ring_bases`` is sent to a fresh worker to read where each ring stands (its used index in
+``RingBases`` is sent to a fresh worker to read where each ring stands (its used index in
 guest memory) when the serving one could not say; the worker answers and ends. Config space
 is the parent's alone: the worker needs none of it.
 
-``decode`` validates every field against the schema below (type, range, size) and raises
-``ProtocolError`` for anything else; the caller answers a bad request with an error reply
-and changes nothing. ``encode`` refuses to send what ``decode`` would refuse.
+``decode`` checks every field against its type and bounds and raises ``ProtocolError`` for
+anything else (never another exception); ``encode`` refuses to send what ``decode`` would
+refuse. Adding a field is adding it to its dataclass (with bounds) and using it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import dataclasses
+import functools
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import msgpack
 
@@ -37,71 +44,159 @@ class ProtocolError(DeviceError):
     """A command message that cannot be decoded or does not match the schema."""
 
 
-@dataclass(frozen=True)
-class Field:
-    kind: type | tuple[type, ...]
-    low: int | float | None = None
-    high: int | float | None = None
-    optional: bool = False
-    items: "dict[str, Field] | Field | None" = None
-    max_items: int = 64
+def bounds(low: float | None = None, high: float | None = None, *, items: tuple | None = None,
+           default: Any = dataclasses.MISSING) -> Any:
+    """A field's bounds: a number's value, a string's or a list's length, a map's entry
+    count; ``items`` bounds a map's integer values."""
+    metadata = {"low": low, "high": high, "items": items}
+    return field(default=default, metadata=metadata)
 
 
-def _int(low: int, high: int, optional: bool = False) -> Field:
-    return Field(int, low, high, optional)
-
-
-_REGION = {"guest_addr": _int(0, U64), "size": _int(1, U64), "fd": _int(0, MAX_FD),
-           "file_offset": _int(0, U64), "user_addr": _int(0, U64, optional=True),
-           "page_size": _int(4096, 1 << 30)}
-_QUEUE = {"size": _int(1, 32768), "desc": _int(0, U64), "avail": _int(0, U64),
-          "used": _int(0, U64), "event_idx": Field(bool), "indirect": Field(bool),
-          "kick_fd": _int(0, MAX_FD), "call_fd": _int(0, MAX_FD),
-          "next_avail": _int(0, U16, optional=True)}
-_STATS = Field(dict, items=_int(0, U64), max_items=16)
-_TEXT = Field(str, 0, MAX_TEXT)
-
-SCHEMAS: dict[str, dict[str, Field]] = {
-    # requests
-    "activate": {"features": _int(0, U64), "stats_interval": Field((int, float), 0, 86400),
-                 "regions": Field(list, 1, 8, items=Field(dict, items=_REGION)),
-                 "queues": Field(list, 1, 5, items=Field(dict, items=_QUEUE))},
-    "kill": {},
-    "ring_bases": {"features": _int(0, U64),
-                   "regions": Field(list, 1, 8, items=Field(dict, items=_REGION)),
-                   "queues": Field(list, 1, 5, items=Field(dict, items={"used": _int(0, U64)}))},
-    "stats": {},
-    "state": {},
-    "ping": {},
-    # replies: the payload depends on the request; each value is checked by ``_check_any``
-    "reply": {"ok": Field(bool), "error": Field(str, 0, MAX_TEXT, optional=True),
-              "result": Field(dict, optional=True)},
-    # events
-    "stats_event": {"values": _STATS, "updated": Field(float, 0, None)},
-    "counters": {"values": Field(dict, items=_int(0, U64), max_items=32)},
-    "log": {"level": _int(0, 100), "message": _TEXT},
-    "error": {"queue": Field(str, 0, 32), "message": _TEXT},
-}
-REQUESTS = frozenset({"activate", "kill", "ring_bases", "stats", "state", "ping"})
-EVENTS = frozenset({"stats_event", "counters", "log", "error"})
-
-
-@dataclass(frozen=True)
 class Message:
-    type: str
+    """Base of every message; ``TYPE`` is its name on the wire."""
+
+    TYPE: ClassVar[str] = ""
+
+
+# -- parts -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RegionSpec:
+    guest_addr: int = bounds(0, U64)
+    size: int = bounds(1, U64)
+    fd: int = bounds(0, MAX_FD)
+    file_offset: int = bounds(0, U64)
+    user_addr: int | None = bounds(0, U64)
+    page_size: int = bounds(4096, 1 << 30)
+
+
+@dataclass(frozen=True)
+class RingSpec:
+    size: int = bounds(1, 32768)
+    desc: int = bounds(0, U64)
+    avail: int = bounds(0, U64)
+    used: int = bounds(0, U64)
+    event_idx: bool = bounds()
+    indirect: bool = bounds()
+    kick_fd: int = bounds(0, MAX_FD)
+    call_fd: int = bounds(0, MAX_FD)
+    next_avail: int | None = bounds(0, U16)     # None: resume at the used index in memory
+
+
+@dataclass(frozen=True)
+class UsedRing:
+    used: int = bounds(0, U64)
+
+
+# -- requests --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Activate(Message):
+    TYPE: ClassVar[str] = "activate"
+    features: int = bounds(0, U64)
+    stats_interval: float = bounds(0, 86400)
+    regions: list[RegionSpec] = bounds(1, 8)
+    queues: list[RingSpec] = bounds(1, 5)
+
+
+@dataclass(frozen=True)
+class Kill(Message):
+    TYPE: ClassVar[str] = "kill"
+
+
+@dataclass(frozen=True)
+class RingBases(Message):
+    TYPE: ClassVar[str] = "ring_bases"
+    features: int = bounds(0, U64)
+    regions: list[RegionSpec] = bounds(1, 8)
+    queues: list[UsedRing] = bounds(1, 5)
+
+
+@dataclass(frozen=True)
+class RequestStats(Message):
+    TYPE: ClassVar[str] = "stats"
+
+
+@dataclass(frozen=True)
+class GetState(Message):
+    TYPE: ClassVar[str] = "state"
+
+
+@dataclass(frozen=True)
+class Ping(Message):
+    TYPE: ClassVar[str] = "ping"
+
+
+# -- replies and events ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reply(Message):
+    """``result`` is plain data whose shape depends on the request (see the worker)."""
+
+    TYPE: ClassVar[str] = "reply"
+    ok: bool = bounds()
+    error: str | None = bounds(0, MAX_TEXT, default=None)
+    result: dict | None = bounds(default=None)
+
+
+@dataclass(frozen=True)
+class StatsEvent(Message):
+    TYPE: ClassVar[str] = "stats_event"
+    values: dict[str, int] = bounds(0, 16, items=(0, U64))
+    updated: float = bounds(0, None)
+
+
+@dataclass(frozen=True)
+class CountersEvent(Message):
+    TYPE: ClassVar[str] = "counters"
+    values: dict[str, int] = bounds(0, 32, items=(0, U64))
+
+
+@dataclass(frozen=True)
+class LogEvent(Message):
+    TYPE: ClassVar[str] = "log"
+    level: int = bounds(0, 100)
+    message: str = bounds(0, MAX_TEXT)
+
+
+@dataclass(frozen=True)
+class ErrorEvent(Message):
+    TYPE: ClassVar[str] = "error"
+    queue: str = bounds(0, 32)
+    message: str = bounds(0, MAX_TEXT)
+
+
+MESSAGES: dict[str, type[Message]] = {cls.TYPE: cls for cls in (
+    Activate, Kill, RingBases, RequestStats, GetState, Ping,
+    Reply, StatsEvent, CountersEvent, LogEvent, ErrorEvent)}
+REQUESTS = frozenset({Activate, Kill, RingBases, RequestStats, GetState, Ping})
+# Requests without fields, by wire name: what a caller can ask for by name alone.
+SIMPLE_REQUESTS: dict[str, type[Message]] = {cls.TYPE: cls for cls in (Kill, RequestStats,
+                                                                        GetState, Ping)}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A decoded datagram: the request id (0 for events) and the message."""
+
     id: int
-    body: dict[str, Any]
+    message: Message
 
 
-def encode(message: Message) -> bytes:
+# -- the codec -----------------------------------------------------------------------------
+
+def encode(message: Message, ident: int = 0) -> bytes:
     """Serialise ``message``; raises ``ProtocolError`` if it would not decode."""
-    wire = {"v": PROTOCOL_VERSION, "type": message.type, "id": message.id, **message.body}
-    data = msgpack.packb(wire, use_bin_type=True)
+    wire = {"v": PROTOCOL_VERSION, "type": message.TYPE, "id": ident, **_to_wire(message)}
+    try:
+        data = msgpack.packb(wire, use_bin_type=True)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"cannot encode {message.TYPE}: {exc}") from exc
     decode(data)
     return data
 
 
-def decode(data: bytes) -> Message:
+def decode(data: bytes) -> Envelope:
     """Parse and validate one datagram; raises ``ProtocolError`` and nothing else."""
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
@@ -118,53 +213,97 @@ def decode(data: bytes) -> Message:
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
     kind = wire.pop("type", None)
-    if not isinstance(kind, str) or kind not in SCHEMAS:
+    cls = MESSAGES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
         raise ProtocolError(f"unknown message type {kind!r}")
     ident = wire.pop("id", None)
     if type(ident) is not int or not 0 <= ident < MAX_ID:
         raise ProtocolError(f"bad request id {ident!r}")
-    _check_map(kind, wire, SCHEMAS[kind])
-    return Message(kind, ident, wire)
+    return Envelope(ident, _from_wire(cls, wire, kind))
 
 
-def _check_map(where: str, value: dict, schema: dict[str, Field]) -> None:
-    unknown = set(value) - set(schema)
+def _to_wire(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list):
+        return [_to_wire(item) for item in value]
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> tuple[tuple[str, Any, dict], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name], dict(f.metadata)) for f in dataclasses.fields(cls))
+
+
+def _from_wire(cls: type, value: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where}: expected a map")
+    schema = _hints(cls)
+    unknown = set(value) - {name for name, _, _ in schema}
     if unknown:
         raise ProtocolError(f"{where}: unknown fields {sorted(map(str, unknown))}")
-    for name, field in schema.items():
-        if name not in value or value[name] is None:
-            if not field.optional:
-                raise ProtocolError(f"{where}: missing field {name!r}")
-            continue
-        _check(f"{where}.{name}", value[name], field)
+    kwargs = {}
+    for name, hint, metadata in schema:
+        kwargs[name] = _check(f"{where}.{name}", value.get(name), hint, metadata)
+    return cls(**kwargs)
 
 
-def _check(where: str, value: Any, field: Field) -> None:
-    kinds = field.kind if isinstance(field.kind, tuple) else (field.kind,)
-    # bool is an int in Python; an int field must not accept True.
-    if not any(type(value) is k for k in kinds):
-        raise ProtocolError(f"{where}: expected {'/'.join(k.__name__ for k in kinds)}, "
-                            f"got {type(value).__name__}")
-    size = len(value) if isinstance(value, (str, list, dict)) else value
-    if isinstance(value, (int, float)) and not isinstance(value, bool) or \
-            isinstance(value, (str, list)):
-        if field.low is not None and size < field.low or \
-                field.high is not None and size > field.high:
-            raise ProtocolError(f"{where}: {size} is outside {field.low}..{field.high}")
-    if isinstance(value, list) and isinstance(field.items, Field):
-        for i, item in enumerate(value):
-            _check(f"{where}[{i}]", item, field.items)
-    elif isinstance(value, dict):
-        if len(value) > field.max_items:
-            raise ProtocolError(f"{where}: more than {field.max_items} entries")
-        if isinstance(field.items, dict):
-            _check_map(where, value, field.items)
-        elif isinstance(field.items, Field):
-            for key, item in value.items():
-                _check(f"{where}[{key!r}]", key, Field(str, 0, 64))
-                _check(f"{where}[{key!r}]", item, field.items)
-        else:
-            _check_any(where, value, depth=0)
+def _check(where: str, value: Any, hint: Any, metadata: dict) -> Any:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(hint)
+    if value is None:
+        raise ProtocolError(f"{where}: missing")
+    low, high = metadata.get("low"), metadata.get("high")
+    origin = typing.get_origin(hint) or hint
+    if dataclasses.is_dataclass(hint):
+        return _from_wire(hint, value, where)
+    if hint is bool:
+        if type(value) is not bool:
+            raise ProtocolError(f"{where}: expected bool, got {type(value).__name__}")
+        return value
+    if hint is int or hint is float:
+        # bool is an int in Python; a number field must not accept True.
+        kinds = (int,) if hint is int else (int, float)
+        if type(value) not in kinds:
+            raise ProtocolError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+        _within(where, value, low, high)
+        return float(value) if hint is float else value
+    if hint is str:
+        if type(value) is not str:
+            raise ProtocolError(f"{where}: expected str, got {type(value).__name__}")
+        _within(where, len(value), low, high)
+        return value
+    if origin is list:
+        if type(value) is not list:
+            raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
+        _within(where, len(value), low, high)
+        return [_check(f"{where}[{i}]", item, args[0], {}) for i, item in enumerate(value)]
+    if origin is dict and args:
+        if type(value) is not dict:
+            raise ProtocolError(f"{where}: expected a map, got {type(value).__name__}")
+        _within(where, len(value), low, high)
+        item_low, item_high = metadata.get("items") or (None, None)
+        for key, item in value.items():
+            if type(key) is not str or len(key) > 64:
+                raise ProtocolError(f"{where}: bad key {str(key)[:64]!r}")
+            _check(f"{where}[{key!r}]", item, args[1], {"low": item_low, "high": item_high})
+        return dict(value)
+    if origin is dict:
+        if type(value) is not dict:
+            raise ProtocolError(f"{where}: expected a map, got {type(value).__name__}")
+        _check_any(where, value, depth=0)
+        return value
+    raise ProtocolError(f"{where}: no rule for {hint!r}")      # a schema bug, caught in tests
+
+
+def _within(where: str, size: float, low: float | None, high: float | None) -> None:
+    if low is not None and size < low or high is not None and size > high:
+        raise ProtocolError(f"{where}: {size} is outside {low}..{high}")
 
 
 def _check_any(where: str, value: Any, depth: int) -> None:
@@ -183,25 +322,14 @@ def _check_any(where: str, value: Any, depth: int) -> None:
         raise ProtocolError(f"{where}: {type(value).__name__} is not plain data")
 
 
-def request(kind: str, ident: int, **body: Any) -> bytes:
-    return encode(Message(kind, ident, body))
-
-
-def reply_ok(ident: int, result: dict | None = None) -> bytes:
-    body: dict[str, Any] = {"ok": True}
-    if result is not None:
-        body["result"] = result
-    return encode(Message("reply", ident, body))
-
-
 def clip(text: str, limit: int = MAX_TEXT) -> str:
     """``text`` cut to at most ``limit`` UTF-8 bytes (msgpack's limits count bytes)."""
     return text.encode()[:limit].decode(errors="ignore")
 
 
+def reply_ok(ident: int, result: dict | None = None) -> bytes:
+    return encode(Reply(ok=True, result=result), ident)
+
+
 def reply_error(ident: int, error: str) -> bytes:
-    return encode(Message("reply", ident, {"ok": False, "error": clip(error)}))
-
-
-def event(kind: str, **body: Any) -> bytes:
-    return encode(Message(kind, 0, body))
+    return encode(Reply(ok=False, error=clip(error)), ident)

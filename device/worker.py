@@ -24,8 +24,9 @@ import time
 from dataclasses import asdict
 
 from device.balloon import BalloonQueues, QueueSpec, build_queues, queue_layout
-from device.command import (MAX_MESSAGE, Message, ProtocolError, clip, decode, event,
-                            reply_error, reply_ok)
+from device.command import (MAX_MESSAGE, Activate, CountersEvent, ErrorEvent, GetState, Kill,
+                            LogEvent, Message, Ping, ProtocolError, RegionSpec, RequestStats,
+                            RingBases, StatsEvent, clip, decode, encode, reply_error, reply_ok)
 from device.errors import DeviceError, GuestError, InvalidQueueConfig
 from device.memory import GuestMemory, MemoryRegion
 from device.notify import drain_fd, signal_fd
@@ -47,7 +48,7 @@ class _EventLogHandler(logging.Handler):
         self.worker = worker
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.worker.send(event("log", level=record.levelno, message=clip(record.getMessage())))
+        self.worker.send(encode(LogEvent(record.levelno, clip(record.getMessage()))))
 
 
 class Worker:
@@ -118,7 +119,7 @@ class Worker:
     def _send_counters(self, now: float) -> None:
         self._counters_dirty = False
         self._counters_sent_at = now
-        self.send(event("counters", values=self.counters()))
+        self.send(encode(CountersEvent(self.counters())))
 
     def _timeout(self) -> int | None:
         if self.queues is None:
@@ -143,41 +144,59 @@ class Worker:
                 return
 
     def _on_command(self) -> None:
-        data = os.read(self.command_fd, MAX_MESSAGE + 1)
+        try:
+            data = os.read(self.command_fd, MAX_MESSAGE + 1)
+        except ConnectionResetError:
+            data = b""                   # the parent closed with commands unread: gone
         if not data:
             self.running = False
             return
         try:
-            message = decode(data)
+            envelope = decode(data)
         except ProtocolError as exc:
             self.send(reply_error(0, f"bad message: {exc}"))
             return
-        handler = getattr(self, f"_do_{message.type}", None)
-        if handler is None:
-            self.send(reply_error(message.id, f"{message.type!r} is not a request"))
-            return
         try:
-            result = handler(message)
+            result = self._handle(envelope.message)
         except DeviceError as exc:
-            self.send(reply_error(message.id, f"{type(exc).__name__}: {exc}"))
+            self.send(reply_error(envelope.id, f"{type(exc).__name__}: {exc}"))
             return
-        self.send(reply_ok(message.id, result))
+        self.send(reply_ok(envelope.id, result))
+
+    def _handle(self, message: Message) -> dict:
+        """One request's result; raises ``DeviceError`` to refuse it."""
+        match message:
+            case Activate():
+                return self._activate(message)
+            case Kill():
+                self.running = False
+                return self._state()
+            case RingBases():
+                return self._ring_bases(message)
+            case RequestStats():
+                return {"requested": self.queues.request_stats() if self.queues else False}
+            case GetState():
+                return self._state()
+            case Ping():
+                return {"pid": os.getpid()}
+        raise ProtocolError(f"{message.TYPE!r} is not a request")
 
     # -- requests ----------------------------------------------------------------------------
 
-    def _do_activate(self, message: Message) -> dict:
+    @staticmethod
+    def _regions(specs: list[RegionSpec]) -> list[MemoryRegion]:
+        return [MemoryRegion(r.guest_addr, r.size, r.fd, r.file_offset, r.user_addr,
+                             r.page_size) for r in specs]
+
+    def _activate(self, message: Activate) -> dict:
         if self.queues is not None:
             raise ProtocolError("already active")
-        body = message.body
-        regions = [MemoryRegion(r["guest_addr"], r["size"], r["fd"], r["file_offset"],
-                                r.get("user_addr"), r["page_size"]) for r in body["regions"]]
-        specs = [QueueSpec(QueueConfig(q["size"], q["desc"], q["avail"], q["used"],
-                                       q["event_idx"], q["indirect"]),
-                           q["kick_fd"], q["call_fd"], q.get("next_avail"))
-                 for q in body["queues"]]
+        regions = self._regions(message.regions)
+        specs = [QueueSpec(QueueConfig(q.size, q.desc, q.avail, q.used, q.event_idx, q.indirect),
+                           q.kick_fd, q.call_fd, q.next_avail) for q in message.queues]
         memory = GuestMemory(regions)
         try:
-            built = build_queues(memory, body["features"], specs)
+            built = build_queues(memory, message.features, specs)
         except DeviceError:
             memory.close()
             raise
@@ -189,7 +208,7 @@ class Worker:
         self.memory = memory
         self.queues = BalloonQueues(memory, built,
                                     {name: s.call_fd for name, s in zip(built, specs)},
-                                    body["stats_interval"], self._on_guest_error, self._on_stats)
+                                    message.stats_interval, self._on_guest_error, self._on_stats)
         self.kick_fds = {s.kick_fd: name for name, s in zip(built, specs)}
         for fd in self.kick_fds:
             os.set_blocking(fd, False)
@@ -209,33 +228,17 @@ class Worker:
                 signal_fd(spec.call_fd)
         return {"queues": list(built)}
 
-    def _do_kill(self, message: Message) -> dict:
-        self.running = False
-        return self._state()
-
-    def _do_ring_bases(self, message: Message) -> dict:
+    def _ring_bases(self, message: RingBases) -> dict:
         """Read each ring's used index from guest memory and end: what a replacement worker
         is started for when the one serving could not say where its rings stand."""
-        body = message.body
-        regions = [MemoryRegion(r["guest_addr"], r["size"], r["fd"], r["file_offset"],
-                                r.get("user_addr"), r["page_size"]) for r in body["regions"]]
         self.running = False
-        with GuestMemory(regions) as memory:
-            names = queue_layout(body["features"])
-            if len(names) != len(body["queues"]):
-                raise InvalidQueueConfig(f"{len(body['queues'])} queues given, the features "
-                                         f"need {len(names)}")
-            return {"ring_bases": {name: memory.read_u16(q["used"] + 2)
-                                   for name, q in zip(names, body["queues"])}}
-
-    def _do_stats(self, message: Message) -> dict:
-        return {"requested": self.queues.request_stats() if self.queues else False}
-
-    def _do_state(self, message: Message) -> dict:
-        return self._state()
-
-    def _do_ping(self, message: Message) -> dict:
-        return {"pid": os.getpid()}
+        names = queue_layout(message.features)
+        if len(names) != len(message.queues):
+            raise InvalidQueueConfig(f"{len(message.queues)} queues given, the features "
+                                     f"need {len(names)}")
+        with GuestMemory(self._regions(message.regions)) as memory:
+            return {"ring_bases": {name: memory.read_u16(q.used + 2)
+                                   for name, q in zip(names, message.queues)}}
 
     def _state(self) -> dict:
         if self.queues is None:
@@ -253,13 +256,12 @@ class Worker:
         if count >= MAX_ERROR_EVENTS_PER_SECOND:
             self.suppressed_errors += 1
         else:
-            self.send(event("error", queue=queue, message=clip(f"{type(exc).__name__}: {exc}")))
+            self.send(encode(ErrorEvent(queue, clip(f"{type(exc).__name__}: {exc}"))))
             count += 1
         self._errors_window = (start, count)
 
     def _on_stats(self, snapshot: StatsSnapshot) -> None:
-        self.send(event("stats_event", values=snapshot.values,
-                        updated=float(snapshot.updated_wall or 0.0)))
+        self.send(encode(StatsEvent(dict(snapshot.values), float(snapshot.updated_wall or 0.0))))
 
     def _unmap(self) -> None:
         if self.memory is not None:

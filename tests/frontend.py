@@ -13,6 +13,7 @@ from pathlib import Path
 from control import vhost_user as vu
 from control.proxy import ProxyOptions
 from control.server import Server, ServeOptions
+from device.command import SIMPLE_REQUESTS
 from device.balloon import BalloonOptions, queue_layout
 from tests.driver import BalloonDriver, GuestRam
 
@@ -113,7 +114,8 @@ class ServerThread:
         done, box = threading.Event(), []
 
         def ask() -> None:
-            self.server.device.supervisor.request(kind, lambda r: (box.append(r), done.set()))
+            self.server.device.supervisor.request(SIMPLE_REQUESTS[kind](),
+                                                  lambda r: (box.append(r), done.set()))
         self.server.loop.call_soon_threadsafe(ask)
         assert done.wait(timeout), f"no answer to {kind!r}"
         if isinstance(box[0], Exception):

@@ -11,8 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device.command import (MAX_MESSAGE, Message, ProtocolError, decode, encode, event,
-                            reply_error, request)
+from device.command import (MAX_MESSAGE, MESSAGES, Activate, CountersEvent, Envelope,
+                            ErrorEvent, GetState, Kill, LogEvent, Ping, ProtocolError, RegionSpec,
+                            Reply, RequestStats, RingBases, RingSpec, StatsEvent, UsedRing,
+                            decode, encode, reply_error)
 from device.worker import run_worker
 
 GOOD_QUEUE = {"size": 128, "desc": 0, "avail": 4096, "used": 8192, "event_idx": True,
@@ -47,7 +49,7 @@ def test_oversized_message_is_refused():
     with pytest.raises(ProtocolError):
         decode(msgpack.packb({"v": 1, "type": "ping", "id": 1, "pad": "x" * MAX_MESSAGE}))
     with pytest.raises(ProtocolError):
-        encode(Message("log", 0, {"level": 20, "message": "x" * 5000}))
+        encode(LogEvent(20, "x" * 5000))
 
 
 def test_huge_container_header_is_refused_without_allocating():
@@ -87,22 +89,20 @@ def test_worker_answers_garbage_with_errors_and_keeps_serving():
     thread = threading.Thread(target=run_worker, args=(child.fileno(), False), daemon=True)
     thread.start()
     parent.settimeout(5)
+    bad_activate = Activate(0, 0.0, [RegionSpec(0, 4096, 999, 0, None, 4096)],
+                            [RingSpec(**GOOD_QUEUE, next_avail=0)] * 2)
     for garbage in (b"\xc1", b"x" * (MAX_MESSAGE + 10), msgpack.packb([1, 2, 3]),
-                    request("activate", 7, features=0, stats_interval=0.0,
-                            regions=[{"guest_addr": 0, "size": 4096, "fd": 999,
-                                      "file_offset": 0, "page_size": 4096}],
-                            queues=[GOOD_QUEUE, GOOD_QUEUE])):
+                    encode(bad_activate, 7)):
         parent.send(garbage)
-        reply = decode(parent.recv(MAX_MESSAGE))
-        assert reply.type == "reply" and reply.body["ok"] is False
-    parent.send(event("log", level=20, message="not a request"))
-    assert decode(parent.recv(MAX_MESSAGE)).body["ok"] is False
-    parent.send(request("ping", 8))
+        reply = decode(parent.recv(MAX_MESSAGE)).message
+        assert isinstance(reply, Reply) and reply.ok is False
+    parent.send(encode(LogEvent(20, "not a request")))
+    assert decode(parent.recv(MAX_MESSAGE)).message.ok is False
+    parent.send(encode(Ping(), 8))
     reply = decode(parent.recv(MAX_MESSAGE))
-    assert (reply.id, reply.body["ok"]) == (8, True)
-    parent.send(request("kill", 9))
-    assert decode(parent.recv(MAX_MESSAGE)).body == {
-        "ok": True, "result": {"active": False}}
+    assert (reply.id, reply.message.ok) == (8, True)
+    parent.send(encode(Kill(), 9))
+    assert decode(parent.recv(MAX_MESSAGE)).message == Reply(ok=True, result={"active": False})
     thread.join(5)
     assert not thread.is_alive()
     parent.close()
@@ -110,6 +110,20 @@ def test_worker_answers_garbage_with_errors_and_keeps_serving():
 
 
 def test_encode_round_trips():
-    for data in (request("stats", 3), reply_error(4, "no"), event("error", queue="inflate",
-                                                                    message="bad")):
-        assert encode(decode(data)) == data
+    for data in (encode(RequestStats(), 3), reply_error(4, "no"),
+                 encode(ErrorEvent("inflate", "bad"))):
+        envelope = decode(data)
+        assert encode(envelope.message, envelope.id) == data
+
+
+def test_every_message_type_round_trips_through_its_schema():
+    """The schema is the dataclasses: each type decodes exactly what it encodes."""
+    region = RegionSpec(0, 4096, 3, 0, None, 4096)
+    samples = [Activate(1, 0.5, [region], [RingSpec(**GOOD_QUEUE, next_avail=None)]),
+               Kill(), RingBases(1, [region], [UsedRing(8192)]), RequestStats(), GetState(),
+               Ping(), Reply(ok=True, result={"ring_bases": {"inflate": 3}}),
+               Reply(ok=False, error="no"), StatsEvent({"free_memory": 1}, 2.0),
+               CountersEvent({"kicks": 3}), LogEvent(20, "hello"), ErrorEvent("inflate", "bad")]
+    assert {type(m) for m in samples} == set(MESSAGES.values())
+    for message in samples:
+        assert decode(encode(message, 5)) == Envelope(5, message)
