@@ -83,6 +83,9 @@ class Server:
         self.clients: dict[int, Client] = {}
         self.waiters: list[Waiter] = []
         self._tick: Timer | None = None
+        # Devices whose front-end went away while their worker still stops: ended for good
+        # at shutdown if they have not finished (their fds close when they do).
+        self._stopping: set[VmDevice] = set()
         self._accept_backoff: dict[int, float] = {}
         if options.proxy.jail:
             # Fail at start-up, not at the guest's first connection, if the policy is bad;
@@ -179,6 +182,9 @@ class Server:
             # Nobody needs the worker's state any more: no graceful stop to wait for.
             self.frontend.device.terminate()
             self.frontend.close("shutting down")
+        for device in list(self._stopping):
+            device.terminate()
+        self._stopping.clear()
         for client in list(self.clients.values()):
             self._drop_client(client)
         for sock, path in ((self.vhost_listener, self.options.socket_path),
@@ -234,11 +240,19 @@ class Server:
         log.info("front-end connected")
 
     def _frontend_closed(self, why: str) -> None:
+        device = self.frontend.device
         self.frontend = None
+        if device.state != "idle":
+            self._stopping.add(device)
+            device.listeners.append(lambda: self._stopped(device))
         for waiter in self.waiters:
             self._reply(waiter.client, {"id": waiter.ident, "ok": False,
                                         "error": "the guest disconnected"})
         self.waiters.clear()
+
+    def _stopped(self, device: VmDevice) -> None:
+        if device.state == "idle":
+            self._stopping.discard(device)
 
     # -- operator clients --------------------------------------------------------------------
 

@@ -45,8 +45,8 @@ from control.loop import EventLoop, Timer
 from control.workers import WorkerHandle, spawn_worker
 from device.balloon import QueueSpec
 from device.command import (MAX_MESSAGE, Activate, CountersEvent, Envelope, ErrorEvent, Kill,
-                            LogEvent, Message, Ping, ProtocolError, RegionSpec, Reply, RingBases,
-                            RingSpec, StatsEvent, UsedRing, decode, encode)
+                            LogEvent, Message, PartialPage, Ping, ProtocolError, RegionSpec, Reply,
+                            RingBases, RingSpec, StatsEvent, UsedRing, decode, encode)
 from device.memory import MemoryRegion
 
 log = logging.getLogger("vballoon.supervisor")
@@ -84,6 +84,7 @@ class Activation:
     queues: tuple[QueueSpec, ...]
     features: int
     stats_interval: float
+    partial_pages: tuple[PartialPage, ...] = ()   # for the first worker only (see start)
 
     def keep_fds(self) -> set[int]:
         return ({r.fd for r in self.regions} | {q.kick_fd for q in self.queues}
@@ -93,12 +94,13 @@ class Activation:
         return [RegionSpec(r.guest_addr, r.size, r.fd, r.file_offset, r.user_addr, r.page_size)
                 for r in self.regions]
 
-    def activate_message(self, resume: bool) -> Activate:
+    def activate_message(self, resume: bool, carry: bool) -> Activate:
         queues = [RingSpec(q.config.size, q.config.desc_addr, q.config.avail_addr,
                            q.config.used_addr, q.config.event_idx, q.config.indirect,
                            q.kick_fd, q.call_fd, None if resume else q.next_avail)
                   for q in self.queues]
-        return Activate(self.features, float(self.stats_interval), self.region_specs(), queues)
+        return Activate(self.features, float(self.stats_interval), self.region_specs(), queues,
+                        list(self.partial_pages) if carry else [])
 
     def ring_bases_message(self) -> RingBases:
         return RingBases(self.features, self.region_specs(),
@@ -215,6 +217,7 @@ class Supervisor:
         self._start_error: str | None = None
         self._exit_fd = -1
         self._worker_id: int | None = None
+        self._carry = False
         self._denied: dict[str, int] = {}
         self.counters_base: dict[str, int] = {}      # summed over workers that ended
         self.counters_current: dict[str, int] = {}   # the serving worker's latest
@@ -233,6 +236,9 @@ class Supervisor:
             self._restart_times.clear()
         self.activation = activation
         self._start_done = done
+        # Partial huge pages go to this start's first worker only: a replacement after a
+        # crash cannot know what the dead one forgot (a deflate), so it starts without.
+        self._carry = bool(activation.partial_pages)
         self._spawn(resume)
 
     def stop(self, done: Done) -> None:
@@ -328,7 +334,8 @@ class Supervisor:
         self._channel = _Channel(self.loop, parent_end, self._on_message, self._on_queue_full)
         self._exit_fd = worker.exit_fd()
         self.loop.watch(self._exit_fd, reader=self._on_exit)
-        self._request(activation.activate_message(resume),
+        carry, self._carry = self._carry, False
+        self._request(activation.activate_message(resume, carry),
                       lambda result: self._on_activated(worker, result), None)
 
     def _on_activated(self, worker: WorkerHandle, result: Any) -> None:

@@ -115,6 +115,7 @@ class VhostUserSession:
         self.backend_sender = vu.BackendRequestSender()
         self.busy = False
         self.closed = False
+        self._partial: tuple = ()       # a stopped worker's partial huge pages, to hand on
         self.on_reply: Callable[[bytes | None], None] = lambda reply: None
         self.on_error: Callable[[BaseException], None] = lambda exc: None
         device.on_config_change = self.notify_config_change
@@ -414,8 +415,9 @@ class VhostUserSession:
         specs = [QueueSpec(config, ring.kick_fd, ring.call_fd, None if ring.resume else ring.base)
                  for config, ring in zip(self._ring_configs(self.state.regions), rings)]
         regions = list(self.state.regions)
+        partial, self._partial = self._partial, ()
         # A failure to start comes back as an exception thrown here: the request is refused.
-        yield lambda done: self.device.activate(regions, specs, done)
+        yield lambda done: self.device.activate(regions, specs, done, partial)
         for ring in rings:
             ring.resume = False
         self.state.active = True
@@ -432,6 +434,10 @@ class VhostUserSession:
         guest already got back).
         """
         state = yield self.device.stop
+        # The same driver carries on only across an fd swap or a new memory table: then
+        # the huge pages it half gave go to the next worker. Otherwise it may be gone and
+        # its pages reused: forget them (remembering would release pages in use).
+        self._partial = self.device.carried_partial(state) if resume else ()
         bases = state.get("ring_bases", {}) if isinstance(state, dict) else {}
         names = self.device.queue_names()
         if any(name not in bases for name in names):

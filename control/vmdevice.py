@@ -19,7 +19,7 @@ from control.errors import RequestError, WorkerError
 from control.loop import EventLoop
 from control.supervisor import (ACTIVE, FAILED, IDLE, Activation, Done, ProxyOptions,
                                 Supervisor, read_ring_bases)
-from device.command import RequestStats
+from device.command import PartialPage, RequestStats
 from device.balloon import PAGE_SIZE, BalloonControl, BalloonOptions, QueueSpec
 from device.errors import DeviceError, InvalidTarget
 from device.memory import MemoryRegion, validate_regions
@@ -145,9 +145,12 @@ class VmDevice:
     def is_active(self) -> bool:
         return self.state != IDLE
 
-    def activate(self, regions: list[MemoryRegion], queues: list[QueueSpec], done: Done) -> None:
+    def activate(self, regions: list[MemoryRegion], queues: list[QueueSpec], done: Done,
+                 partial_pages: tuple[PartialPage, ...] = ()) -> None:
         """Start serving ``queues``: ``done(None)`` once the worker serves, else
-        ``done(error)`` with nothing left running (the negotiation is kept)."""
+        ``done(error)`` with nothing left running (the negotiation is kept).
+        ``partial_pages``: a previous worker's partial huge pages (``carried_partial``),
+        only when the same driver carries on."""
         try:
             if self.state != IDLE:
                 raise WorkerError("the device is already active")
@@ -160,7 +163,7 @@ class VmDevice:
             return
         self.model.guest_pages = sum(r.size for r in regions) // PAGE_SIZE
         activation = Activation(tuple(regions), tuple(queues), self.acked_features,
-                                float(self.options.stats_interval))
+                                float(self.options.stats_interval), tuple(partial_pages))
         self.supervisor.start(activation, done)
 
     def stop(self, done: Done) -> None:
@@ -177,6 +180,21 @@ class VmDevice:
             self.changed()
             done(state)
         self.supervisor.stop(stopped)
+
+    @staticmethod
+    def carried_partial(state: dict) -> tuple[PartialPage, ...]:
+        """The partial huge pages in a stopped worker's state, checked for shape (the next
+        worker checks them against guest memory)."""
+        pairs = state.get("partial_pages") if isinstance(state, dict) else None
+        if not isinstance(pairs, list):
+            return ()
+        out = []
+        for pair in pairs[:64]:
+            if (isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int
+                    and 0 <= pair[0] < 2**64 and isinstance(pair[1], str)
+                    and 0 < len(pair[1]) <= 4096):
+                out.append(PartialPage(pair[0], pair[1]))
+        return tuple(out)
 
     def terminate(self) -> None:
         self.supervisor.terminate()

@@ -45,10 +45,12 @@ class ProtocolError(DeviceError):
 
 
 def bounds(low: float | None = None, high: float | None = None, *, items: tuple | None = None,
-           default: Any = dataclasses.MISSING) -> Any:
+           default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING) -> Any:
     """A field's bounds: a number's value, a string's or a list's length, a map's entry
     count; ``items`` bounds a map's integer values."""
     metadata = {"low": low, "high": high, "items": items}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -84,6 +86,14 @@ class RingSpec:
 
 
 @dataclass(frozen=True)
+class PartialPage:
+    """Small pages of one huge page already in the balloon (hugetlbfs), as a hex bitmap."""
+
+    addr: int = bounds(0, U64)
+    bits: str = bounds(1, MAX_TEXT)
+
+
+@dataclass(frozen=True)
 class UsedRing:
     used: int = bounds(0, U64)
 
@@ -97,6 +107,9 @@ class Activate(Message):
     stats_interval: float = bounds(0, 86400)
     regions: list[RegionSpec] = bounds(1, 8)
     queues: list[RingSpec] = bounds(1, 5)
+    # The previous worker's partial huge pages, when the same driver carries on (fd swaps,
+    # a new memory table); never after the driver may have gone away.
+    partial_pages: list[PartialPage] = bounds(0, 64, default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -231,20 +244,27 @@ def _to_wire(value: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _hints(cls: type) -> tuple[tuple[str, Any, dict], ...]:
+def _hints(cls: type) -> tuple[tuple[str, Any, dict, Any], ...]:
     hints = typing.get_type_hints(cls)
-    return tuple((f.name, hints[f.name], dict(f.metadata)) for f in dataclasses.fields(cls))
+    return tuple((f.name, hints[f.name], dict(f.metadata),
+                  f.default_factory if f.default_factory is not dataclasses.MISSING
+                  else (lambda d=f.default: d) if f.default is not dataclasses.MISSING
+                  else None)
+                 for f in dataclasses.fields(cls))
 
 
 def _from_wire(cls: type, value: Any, where: str) -> Any:
     if not isinstance(value, dict):
         raise ProtocolError(f"{where}: expected a map")
     schema = _hints(cls)
-    unknown = set(value) - {name for name, _, _ in schema}
+    unknown = set(value) - {name for name, _, _, _ in schema}
     if unknown:
         raise ProtocolError(f"{where}: unknown fields {sorted(map(str, unknown))}")
     kwargs = {}
-    for name, hint, metadata in schema:
+    for name, hint, metadata, default in schema:
+        if name not in value and default is not None:
+            kwargs[name] = default()
+            continue
         kwargs[name] = _check(f"{where}.{name}", value.get(name), hint, metadata)
     return cls(**kwargs)
 

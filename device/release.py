@@ -145,3 +145,38 @@ class PageReleaser:
     def partial_pages(self) -> dict[int, int]:
         """The collection, to carry across a worker restart (huge page address -> bitmap)."""
         return dict(self._partial)
+
+    def export_partial(self, budget: int) -> list[tuple[int, str]]:
+        """The collection as ``(huge page address, hex bitmap)`` pairs, at most ``budget``
+        characters of bitmap in all. What does not fit is left out: those small pages then
+        stay with the guest's backing (safe: never released, only not given back)."""
+        out, used = [], 0
+        for base, bits in sorted(self._partial.items()):
+            text = format(bits, "x")
+            if used + len(text) > budget:
+                break
+            out.append((base, text))
+            used += len(text)
+        return out
+
+    def import_partial(self, pairs: list[tuple[int, str]]) -> int:
+        """Take over a collection from ``export_partial`` (a previous worker's); entries
+        that do not describe a huge page of guest memory are dropped. Returns how many
+        were taken."""
+        taken = 0
+        for base, text in pairs:
+            region = next((r for r in self.memory.regions
+                           if r.page_size != SMALL_PAGE and r.guest_addr <= base < r.end), None)
+            if region is None or base % region.page_size or base + region.page_size > region.end:
+                continue
+            try:
+                bits = int(text, 16)
+            except ValueError:
+                continue
+            if bits <= 0 or bits.bit_length() > region.page_size // SMALL_PAGE:
+                continue
+            self._drop_partial(base)
+            self._partial[base] = bits
+            self.counters.pending_pages += bits.bit_count()
+            taken += 1
+        return taken

@@ -36,6 +36,8 @@ from device.virtqueue import QueueConfig
 MAX_ERROR_EVENTS_PER_SECOND = 20
 MAX_COMMANDS_PER_PASS = 64
 COUNTERS_INTERVAL = 0.2          # seconds between counter reports while they move
+MAX_PARTIAL_PAGES = 64           # partial huge pages handed to the next worker, at most ...
+PARTIAL_PAGES_BUDGET = 32 * 1024  # ... and this many hex digits of bitmap in all
 _POLL_IN = select.POLLIN | select.POLLPRI
 _POLL_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
@@ -220,6 +222,9 @@ class Worker:
         self.log.info("serving %s over %d MiB of guest memory%s", ", ".join(built),
                       memory.size >> 20,
                       " (resumed)" if any(s.next_avail is None for s in specs) else "")
+        taken = self.queues.releaser.import_partial([(p.addr, p.bits) for p in message.partial_pages])
+        if taken:
+            self.log.info("took over %d partial huge pages from the previous worker", taken)
         self.again = set(built)          # buffers may be waiting already (a restart)
         for name, spec in zip(built, specs):
             built[name].enable_notification()
@@ -244,7 +249,9 @@ class Worker:
         if self.queues is None:
             return {"active": False}
         return {"active": True, "ring_bases": self.queues.ring_bases(),
-                "counters": self.counters(), "suppressed_errors": self.suppressed_errors}
+                "counters": self.counters(), "suppressed_errors": self.suppressed_errors,
+                "partial_pages": [list(pair) for pair in self.queues.releaser.export_partial(
+                    PARTIAL_PAGES_BUDGET)][:MAX_PARTIAL_PAGES]}
 
     # -- events ------------------------------------------------------------------------------
 

@@ -39,9 +39,10 @@ SCRATCH = 16 * 1024          # offset of the queue's scratch buffers inside its 
 class GuestRam:
     """A memfd of ``size`` bytes, mapped shared; host usage is its ``st_blocks``."""
 
-    def __init__(self, size: int, name: str = "guest-ram") -> None:
+    def __init__(self, size: int, name: str = "guest-ram", huge: bool = False) -> None:
+        """``huge``: back it with 2 MiB hugetlbfs pages (the host must have them free)."""
         self.size = size
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_HUGETLB if huge else 0))
         os.ftruncate(self.fd, size)
         self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
@@ -63,7 +64,7 @@ class GuestRam:
         return os.fstat(self.fd).st_blocks * 512
 
     def region(self) -> MemoryRegion:
-        return MemoryRegion(0, self.size, self.fd)
+        return MemoryRegion.from_fd(self.fd, 0, self.size)
 
     def close(self) -> None:
         self.map.close()

@@ -278,3 +278,102 @@ def test_counters_in_status_survive_worker_restarts(tmp_path, ram):
             counters = client.request("status")["counters"]
         assert counters["inflate_buffers"] == 3 and counters["worker_restarts"] == 1
         assert counters["released_pages"] == 768 and counters["kicks"] >= 3
+
+
+def _huge_free() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("HugePages_Free:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.fixture
+def huge_ram():
+    """16 MiB of real hugetlbfs guest memory (skipped where the machine has none)."""
+    from tests.driver import GuestRam
+    nr = "/proc/sys/vm/nr_hugepages"
+    old = open(nr).read().strip()
+    try:
+        try:
+            with open(nr, "w") as f:
+                f.write(str(int(old) + 8))
+            wait_for(lambda: _huge_free() >= 8, timeout=5, what="8 free huge pages")
+            ram = GuestRam(16 * MIB, "huge-guest", huge=True)
+        except (OSError, TimeoutError) as exc:
+            pytest.skip(f"no hugetlbfs here: {exc}")
+        yield ram
+        ram.close()
+    finally:
+        with open(nr, "w") as f:
+            f.write(old)
+
+
+def _swap_call_fd(frontend, driver) -> None:
+    for index, queue in enumerate(driver.queues.values()):
+        assert frontend.ack(vu.SetVringCall(index, queue.call_fd, need_reply=True))
+
+
+def test_partial_huge_pages_survive_an_fd_swap(tmp_path, huge_ram):
+    """Issue 16 defect: the worker restarted for an fd swap forgot which small pages of a
+    huge page were already in the balloon, so that huge page was never released."""
+    with served_device(tmp_path, huge_ram, proxy=ProxyOptions(jail=True)) as (server, frontend,
+                                                                               driver, _):
+        huge_ram.populate()
+        driver.inflate(256)                               # half of the top huge page
+        free = _huge_free()
+        pid = _worker_pid(server)
+        _swap_call_fd(frontend, driver)                   # a graceful worker replacement
+        wait_for(lambda: server.server.device.state == "active" and _worker_pid(server) != pid,
+                 what="the replacement")
+        driver.inflate(256)                               # the other half
+        assert _huge_free() == free + 1                   # now the huge page goes back
+
+
+def test_partial_huge_pages_are_forgotten_when_the_driver_may_be_gone(tmp_path, huge_ram):
+    """After GET_VRING_BASE the driver may be gone and its pages reused: nothing of the
+    old collection may complete a huge page the guest is using."""
+    with served_device(tmp_path, huge_ram, proxy=ProxyOptions(jail=True)) as (server, frontend,
+                                                                               driver, _):
+        huge_ram.populate()
+        pfns = driver.inflate(256)                        # half of the top huge page
+        bases = {name: frontend.call(vu.GetVringBase(index)).num
+                 for index, name in enumerate(driver.queues)}
+        for pfn in pfns:                                  # the guest uses them again
+            huge_ram.map[pfn * PAGE:pfn * PAGE + 4] = b"mine"
+        for index, (name, queue) in enumerate(driver.queues.items()):
+            assert frontend.ack(vu.SetVringBase(index, bases[name], need_reply=True))
+            assert frontend.ack(vu.SetVringKick(index, queue.kick_fd, need_reply=True))
+        wait_for(lambda: server.server.device.state == "active", what="serving again")
+        free = _huge_free()
+        driver.inflate(256)                               # the other half
+        assert _huge_free() == free
+        assert all(huge_ram.map[pfn * PAGE:pfn * PAGE + 4] == b"mine" for pfn in pfns)
+
+
+@pytest.mark.parametrize("jail", [False, True], ids=["thread", "jailed"])
+def test_serve_stopped_right_after_a_disconnect_closes_every_guest_fd(tmp_path, jail):
+    """A front-end that disconnects leaves its worker stopping; ``serve`` stopped before
+    that finished used to keep the guest's memory fd open for good (its memory with it)."""
+    from tests.driver import GuestRam
+
+    def guest_fds() -> list[str]:
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if "leak-probe" in target:
+                found.append(target)
+        return found
+
+    ram = GuestRam(16 * MIB, "leak-probe")
+    try:
+        before = guest_fds()                                # the fd and its mapping's dup
+        with served_device(tmp_path, ram, proxy=ProxyOptions(jail=jail)) as (_, _, driver, _):
+            driver.inflate(256)
+            assert len(guest_fds()) > len(before)
+        assert guest_fds() == before
+    finally:
+        ram.close()
+    assert guest_fds() == []
