@@ -87,6 +87,7 @@ class VmDevice:
         self.stats = StatsSnapshot()
         self.on_config_change: Callable[[], None] = lambda: None
         self.listeners: list[Callable[[], None]] = []   # anything changed (waits, status)
+        self._stats_asked = False
 
     # -- the model -----------------------------------------------------------------------------
 
@@ -227,8 +228,15 @@ class VmDevice:
         waits. False if there is no worker to ask."""
         if self.state != ACTIVE:
             return False
-        self.supervisor.request(RequestStats(), lambda result: None)
+        if not self._stats_asked:
+            # Coalesced: one request in flight at a time, however often operators ask (a
+            # flood must not fill the worker's command queue).
+            self._stats_asked = True
+            self.supervisor.request(RequestStats(), self._stats_answered)
         return True
+
+    def _stats_answered(self, result: Any) -> None:
+        self._stats_asked = False
 
     # -- the operator's size API ---------------------------------------------------------------
 

@@ -220,3 +220,25 @@ def test_running_out_of_fds_keeps_serving_and_recovers(idle_server):  # noqa: F8
     assert read_reply(waiting)["id"] == 7    # accepted once fds are back
     waiting.close()
     existing.__exit__(None, None, None)
+
+
+def test_a_flood_of_stats_refreshes_is_coalesced(tmp_path, ram):
+    """Thousands of ``stats --refresh`` must not fill the worker's command queue (which
+    would make it look unresponsive and get it replaced)."""
+    from control.proxy import ProxyOptions
+    with served_device(tmp_path, ram, proxy=ProxyOptions(jail=True)) as (server, _, _, options):
+        pid = server.server.device.worker.pid
+        sock = raw_client(options.control_path)
+        os.kill(pid, signal.SIGSTOP)                 # nothing it is asked gets answered
+        try:
+            for ident in range(2000):
+                sock.sendall(encode_frame({"id": ident, "cmd": "stats", "refresh": True}))
+            decoder, replies = FrameDecoder(), []
+            while len(replies) < 2000:
+                replies += decoder.feed(sock.recv(65536))
+            assert all(r["ok"] for r in replies)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert _status_in(options.control_path, 0.5)["worker_pid"] == pid
+        assert server.server.device.state == "active" and server.server.device.restarts == 0
+        sock.close()
