@@ -5,8 +5,12 @@
     offset 8  free_page_hint_cmd_id   device writes, driver reads
     offset 12 poison_val              driver writes (with VIRTIO_BALLOON_F_PAGE_POISON)
 
-A driver write must cover whole writable fields and nothing else; anything else is refused
-whole, so a write is all-or-nothing. Reads past the end return nothing; a read that
+A driver write may cover any span inside config space: only the bytes of fields the driver
+may write (``actual``; ``poison_val`` with PAGE_POISON) are applied, and the bytes of
+read-only fields are ignored whatever they hold. QEMU's generic vhost-user device forwards
+each driver write as a write of the whole space, carrying its cached (possibly stale) copy
+of ``num_pages``; User-Mode Linux writes ``actual`` alone. A span that leaves config space
+is refused whole and changes nothing. Reads past the end return nothing; a read that
 starts inside and runs past the end is cut at the end.
 """
 
@@ -44,22 +48,19 @@ class BalloonConfig:
         return self.pack()[offset:offset + length]
 
     def write(self, offset: int, data: bytes, poison_writable: bool = False) -> None:
-        """Apply a driver write of whole writable le32 fields, or raise and change nothing.
+        """Apply the bytes of ``data`` that fall on driver-writable fields; ignore the rest.
 
-        Writable: ``actual``, and ``poison_val`` when ``poison_writable``.
-        Raises ``ConfigAccessError`` for any other offset or length.
+        Writable: ``actual``, and ``poison_val`` when ``poison_writable``. Raises
+        ``ConfigAccessError`` (changing nothing) for an empty span or one that leaves config
+        space.
         """
-        writable = {ACTUAL_OFFSET} | ({POISON_VAL_OFFSET} if poison_writable else set())
-        if offset < 0 or offset % 4 or not data or len(data) % 4 \
-                or offset + len(data) > CONFIG_SIZE:
-            raise ConfigAccessError(f"config write at {offset} of {len(data)} bytes")
-        fields = range(offset, offset + len(data), 4)
-        if any(f not in writable for f in fields):
-            raise ConfigAccessError(f"config write at {offset} of {len(data)} bytes touches "
-                                    f"a field the driver may not write")
-        for f in fields:
-            value = struct.unpack_from("<I", data, f - offset)[0]
-            if f == ACTUAL_OFFSET:
-                self.actual = value
-            else:
-                self.poison_val = value
+        if offset < 0 or not data or offset + len(data) > CONFIG_SIZE:
+            raise ConfigAccessError(f"config write at {offset} of {len(data)} bytes is outside "
+                                    f"the {CONFIG_SIZE}-byte config space")
+        writable = [ACTUAL_OFFSET] + ([POISON_VAL_OFFSET] if poison_writable else [])
+        space = bytearray(self.pack())
+        for start in writable:
+            lo, hi = max(offset, start), min(offset + len(data), start + 4)
+            if lo < hi:
+                space[lo:hi] = data[lo - offset:hi - offset]
+        _, self.actual, _, self.poison_val = _LAYOUT.unpack(space)

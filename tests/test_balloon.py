@@ -109,11 +109,14 @@ def test_target_raises_config_change_and_is_bounded(ram, inprocess):
 def test_driver_may_write_only_actual(inprocess):
     balloon, _ = inprocess
     balloon.write_config(ACTUAL_OFFSET, struct.pack("<I", 7))
-    for offset, data in [(0, b"\0" * 4), (0, b"\0" * 8), (4, b"\0" * 2), (5, b"\0" * 4),
-                         (8, b"\0" * 4), (12, b"\0" * 4), (16, b"\0" * 4), (4, b"")]:
-        with pytest.raises(ConfigAccessError):
+    for offset, data in [(16, b"\0" * 4), (4, b""), (14, b"\0" * 4), (-4, b"\0" * 4)]:
+        with pytest.raises(ConfigAccessError):          # outside config space: refused
             balloon.write_config(offset, data)
     assert balloon.config.actual == 7
+    for offset, data in [(0, b"\xff" * 4), (8, b"\xff" * 4), (12, b"\xff" * 4)]:
+        balloon.write_config(offset, data)              # read-only bytes: ignored
+    assert (balloon.config.num_pages, balloon.config.actual, balloon.config.poison_val) == \
+        (0, 7, 0)
     assert balloon.read_config(16, 4) == b""
     assert balloon.read_config(14, 4) == b"\0\0"
 
@@ -308,3 +311,15 @@ def test_huge_page_collection_is_a_bounded_bitmap(ram):
         assert list(partial) == [0] and partial[0].bit_length() <= ram.size // PAGE
         releaser.reclaim_pfns([(0, ram.size // PAGE)])
         assert releaser.counters.pending_pages == 0 and not releaser.partial_pages()
+
+
+def test_config_write_of_the_whole_space_applies_only_actual(inprocess):
+    """QEMU's generic device writes all of config space with its cached, possibly stale,
+    num_pages: only ``actual`` is taken (issue 11.1)."""
+    balloon, _ = inprocess
+    balloon.set_target_pages(300)
+    balloon.write_config(0, struct.pack("<II", 123, 256))          # stale num_pages 123
+    assert (balloon.config.num_pages, balloon.config.actual) == (300, 256)
+    balloon.write_config(0, struct.pack("<IIII", 1, 288, 9, 9))    # all 16 bytes
+    assert (balloon.config.num_pages, balloon.config.actual) == (300, 288)
+    assert balloon.config.free_page_hint_cmd_id == 0 and balloon.config.poison_val == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 
 import pytest
 
@@ -46,8 +47,21 @@ def test_control_socket_is_owner_only(served):
 
 def test_bad_config_write_is_refused_and_changes_nothing(served):
     _, frontend, _, _ = served
-    assert not frontend.ack(vu.SetConfig(0, b"\1\0\0\0", need_reply=True))
+    assert frontend.ack(vu.SetConfig(0, b"\1\0\0\0", need_reply=True))   # read-only: ignored
     assert frontend.num_pages() == 0
+    assert not frontend.ack(vu.SetConfig(14, b"\1\0\0\0", need_reply=True))  # past the end
+    assert frontend.num_pages() == 0
+
+
+def test_qemu_style_whole_config_writes_set_actual(served):
+    """QEMU forwards each write of ``actual`` as SET_CONFIG of the whole space at offset 0,
+    with its cached num_pages (issue 11.1): accepted, only ``actual`` applied."""
+    server, frontend, _, options = served
+    with ControlClient(options.control_path) as client:
+        client.request("set", size=8 * MIB)
+        assert frontend.ack(vu.SetConfig(0, struct.pack("<II", 0, 1024), need_reply=True))
+        status = client.request("status")
+    assert status["target_bytes"] == 8 * MIB and status["actual_bytes"] == 1024 * PAGE
 
 
 def _open_fds() -> set[int]:
