@@ -116,6 +116,7 @@ class VhostUserSession:
         self.busy = False
         self.closed = False
         self._partial: tuple = ()       # a stopped worker's partial huge pages, to hand on
+        self._extra_logged: set[int] = set()
         self.on_reply: Callable[[bytes | None], None] = lambda reply: None
         self.on_error: Callable[[BaseException], None] = lambda exc: None
         device.on_config_change = self.notify_config_change
@@ -316,9 +317,19 @@ class VhostUserSession:
         return None
 
     def _vring(self, index: int) -> Vring:
-        if index >= len(self.device.queue_names()) and self.state.features:
-            raise ControlError(f"vring {index} is not one of the negotiated queues")
+        """Ring ``index``. Rings beyond the negotiated layout are accepted and never served:
+        a VMM configured for more queues than the features call for (QEMU's ``num_vqs``)
+        sets them all up, and refusing one would keep the device from ever starting."""
+        if self._extra(index) and index not in self._extra_logged:
+            self._extra_logged.add(index)
+            log.warning("the front-end set up ring %d, beyond the %d queues the negotiated "
+                        "features use (%s): accepted and ignored (is num_vqs too large?)",
+                        index, len(self.device.queue_names()),
+                        ", ".join(self.device.queue_names()))
         return self.state.vrings[index]
+
+    def _extra(self, index: int) -> bool:
+        return bool(self.state.features) and index >= len(self.device.queue_names())
 
     def _set_vring_kick(self, event: vu.SetVringKick) -> Handler:
         yield from self._replace_fd(event, "kick_fd")
@@ -335,7 +346,7 @@ class VhostUserSession:
             if event.fd is not None:
                 os.close(event.fd)
             raise
-        was_active = self.state.active
+        was_active = self.state.active and not self._extra(event.index)
         if was_active:
             # A VMM may swap fds while running (QEMU does for interrupt masking): the
             # worker holds the old ones, so it is replaced, resuming where it stood.
@@ -354,7 +365,7 @@ class VhostUserSession:
 
     def _set_vring_enable(self, event: vu.SetVringEnable) -> Handler:
         self._vring(event.index)
-        if not event.enable and self.state.active:
+        if not event.enable and self.state.active and not self._extra(event.index):
             # The driver is tearing its rings down and will reuse their memory: the
             # worker must not touch them again.
             yield from self._stop()
@@ -362,7 +373,7 @@ class VhostUserSession:
 
     def _get_vring_base(self, event: vu.GetVringBase, conn: vu.BackendConnection) -> Handler:
         vring = self._vring(event.index)
-        if self.state.active:
+        if self.state.active and not self._extra(event.index):
             yield from self._stop()
         return conn.reply_vring_state(event.index, vring.base)
 

@@ -391,3 +391,29 @@ def test_serve_stopped_right_after_a_disconnect_closes_every_guest_fd(tmp_path, 
     finally:
         ram.close()
     assert guest_fds() == []
+
+
+def test_rings_beyond_the_negotiated_queues_are_accepted_and_ignored(served):
+    """QEMU with num_vqs larger than the negotiated queues sets up the extra ring too;
+    refusing it kept the device from ever starting (issue 11.2)."""
+    server, frontend, driver, _ = served
+    pid = _worker_pid(server)
+    extra = len(driver.queues)                              # ring 3: no such queue
+    kick, call = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        user = 0x7F00_0000_0000
+        for request in (vu.SetVringCall(extra, call, need_reply=True),
+                        vu.SetVringNum(extra, 64, need_reply=True),
+                        vu.SetVringBase(extra, 0, need_reply=True),
+                        vu.SetVringAddr(extra, 0, user + 0x10000, user + 0x11000, user + 0x12000,
+                                        0, need_reply=True),
+                        vu.SetVringKick(extra, kick, need_reply=True),
+                        vu.SetVringEnable(extra, True, need_reply=True)):
+            assert frontend.ack(request), request
+        assert frontend.call(vu.GetVringBase(extra)).num == 0
+        assert frontend.ack(vu.SetVringEnable(extra, False, need_reply=True))
+    finally:
+        os.close(kick)
+        os.close(call)
+    assert server.server.device.state == "active" and _worker_pid(server) == pid
+    driver.inflate(256)                                     # still served, untouched
