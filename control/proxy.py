@@ -173,6 +173,14 @@ class ProxyBalloon:
         """Stop the worker and go back to idle, negotiation forgotten; returns its state."""
         return self._wait(self.device.reset, self.proxy.kill_grace * 3 + 10)
 
+    def swap_call_fd(self, index: int, fd: int) -> None:
+        """The VMM has a new call fd for queue ``index``: the serving worker signals it from
+        now on (no restart); ``fd`` stays the caller's. Raises ``WorkerError``."""
+        result = self._wait(lambda done: self.device.swap_call_fd(index, fd, done),
+                            self.proxy.request_timeout + 5)
+        if result is not None:
+            raise result
+
     def snapshot(self) -> dict:
         return {**self._call(self.device.model.snapshot), "stats": asdict(self.device.stats),
                 "restarts": self.device.restarts}

@@ -30,6 +30,7 @@ liveness check (``check_alive`` sends a ping when nothing else is outstanding).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import socket
@@ -43,10 +44,10 @@ from control import worker_ids
 from control.errors import WorkerError
 from control.loop import EventLoop, Timer
 from control.workers import WorkerHandle, spawn_worker
-from device.balloon import QueueSpec
+from device.balloon import QueueSpec, queue_layout
 from device.command import (MAX_MESSAGE, Activate, CountersEvent, Envelope, ErrorEvent, Kill,
                             LogEvent, Message, PartialPage, Ping, ProtocolError, RegionSpec, Reply,
-                            RingBases, RingSpec, StatsEvent, UsedRing, decode, encode)
+                            RingBases, RingSpec, SetCallFd, StatsEvent, UsedRing, decode, encode)
 from device.memory import MemoryRegion
 
 log = logging.getLogger("vballoon.supervisor")
@@ -124,27 +125,33 @@ class _Channel:
                  on_message: Callable[[Envelope], None], on_full: Callable[[], None]) -> None:
         self.loop = loop
         self.sock = sock
-        self.out: collections.deque[bytes] = collections.deque()
+        self.out: collections.deque[tuple[bytes, tuple[int, ...]]] = collections.deque()
         self.on_message = on_message
         self.on_full = on_full
         self.eof = False
         sock.setblocking(False)
         loop.watch(sock, reader=self._readable)
 
-    def send(self, data: bytes) -> bool:
+    def send(self, data: bytes, fds: tuple[int, ...] = ()) -> bool:
+        """Queue a datagram (with ``fds``, which must stay open until it is sent: the
+        caller keeps them until the request is answered)."""
         if self.sock is None:
             return False
         if len(self.out) >= MAX_OUTGOING:
             self.on_full()
             return False
-        self.out.append(data)
+        self.out.append((data, fds))
         self._flush()
         return True
 
     def _flush(self) -> None:
         while self.out and self.sock is not None:
+            data, fds = self.out[0]
             try:
-                self.sock.send(self.out[0])
+                if fds:
+                    socket.send_fds(self.sock, [data], list(fds))
+                else:
+                    self.sock.send(data)
             except BlockingIOError:
                 break
             except OSError:
@@ -289,6 +296,25 @@ class Supervisor:
             done(WorkerError(f"no worker to ask ({self.state})"))
             return
         self._request(message, done, timeout)
+
+    def swap_call_fd(self, index: int, fd: int, done: Done) -> None:
+        """Have the serving worker signal queue ``index`` on ``fd`` from now on (the VMM
+        swapped its call fd); ``done(None)``, or ``done(WorkerError)`` if there is no
+        serving worker to tell (then a restart with the new fd is the way). The next
+        workers get ``fd`` too. ``fd`` must stay open until ``done``."""
+        activation = self.activation
+        if self.state != ACTIVE or activation is None or index >= len(activation.queues):
+            done(WorkerError(f"no serving worker to give the call fd to ({self.state})"))
+            return
+        name = queue_layout(activation.features)[index]
+
+        def answered(result: Any) -> None:
+            if not isinstance(result, WorkerError) and self.activation is activation:
+                queues = list(activation.queues)
+                queues[index] = dataclasses.replace(queues[index], call_fd=fd)
+                self.activation = dataclasses.replace(activation, queues=tuple(queues))
+            done(result if isinstance(result, WorkerError) else None)
+        self._request(SetCallFd(name), answered, None, fds=(fd,))
 
     def check_alive(self) -> None:
         """Make sure a liveness check is running: any outstanding request is one."""
@@ -479,14 +505,15 @@ class Supervisor:
 
     # -- talking to the worker ---------------------------------------------------------------
 
-    def _request(self, message: Message, done: Done, timeout: float | None) -> None:
+    def _request(self, message: Message, done: Done, timeout: float | None,
+                 fds: tuple[int, ...] = ()) -> None:
         ident = self._next_id
         self._next_id += 1
         kind = message.TYPE
         timer = self.loop.call_later(self.options.request_timeout if timeout is None else timeout,
                                      lambda: self._on_timeout(ident))
         self._pending[ident] = _Pending(kind, done, timer)
-        if not self._channel.send(encode(message, ident)):
+        if not self._channel.send(encode(message, ident), fds):
             pending = self._pending.pop(ident, None)
             if pending is not None:
                 timer.cancel()

@@ -347,9 +347,21 @@ class VhostUserSession:
                 os.close(event.fd)
             raise
         was_active = self.state.active and not self._extra(event.index)
+        if was_active and name == "call_fd":
+            # QEMU swaps call fds right after the device starts (and for interrupt
+            # masking): the serving worker takes the new one as it is.
+            try:
+                yield lambda done: self.device.swap_call_fd(event.index, event.fd, done)
+            except WorkerError as exc:
+                log.info("handing the new call fd to the worker failed (%s): restarting it",
+                         exc)
+            else:
+                os.close(vring.call_fd)
+                vring.call_fd = event.fd
+                return None
         if was_active:
-            # A VMM may swap fds while running (QEMU does for interrupt masking): the
-            # worker holds the old ones, so it is replaced, resuming where it stood.
+            # A kick fd swap (or a call fd the worker could not take): the worker holds
+            # the old ones, so it is replaced, resuming where it stood.
             try:
                 yield from self._stop(resume=True)
             except BaseException:

@@ -220,6 +220,10 @@ class VmDevice:
             return
         read_ring_bases(self.loop, self.proxy, activation, done)
 
+    def swap_call_fd(self, index: int, fd: int, done: Done) -> None:
+        """Hand queue ``index``'s new call fd to the serving worker (no restart)."""
+        self.supervisor.swap_call_fd(index, fd, done)
+
     def check_alive(self) -> None:
         self.supervisor.check_alive()
 

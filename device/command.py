@@ -6,7 +6,8 @@ metadata are the whole schema, and one encoder/decoder (``encode``/``decode``) i
 from them. On the wire a message is one msgpack map in one SOCK_SEQPACKET datagram of at
 most ``MAX_MESSAGE`` bytes: ``{"v": 1, "type": TYPE, "id": int, **fields}``.
 
-    parent -> worker requests      Activate, Kill, RingBases, RequestStats, GetState, Ping
+    parent -> worker requests      Activate, Kill, RingBases, SetCallFd (+1 fd), RequestStats,
+                                   GetState, Ping
     worker -> parent replies       Reply(ok, error, result) with the request's id
     worker -> parent events (id 0) StatsEvent, CountersEvent, LogEvent, ErrorEvent
 
@@ -126,6 +127,15 @@ class RingBases(Message):
 
 
 @dataclass(frozen=True)
+class SetCallFd(Message):
+    """Signal ``queue``'s used buffers on the fd that comes with this message (SCM_RIGHTS)
+    from now on: the VMM swapped it (QEMU does at every start), no restart needed."""
+
+    TYPE: ClassVar[str] = "set_call_fd"
+    queue: str = bounds(1, 32)
+
+
+@dataclass(frozen=True)
 class RequestStats(Message):
     TYPE: ClassVar[str] = "stats"
 
@@ -180,9 +190,10 @@ class ErrorEvent(Message):
 
 
 MESSAGES: dict[str, type[Message]] = {cls.TYPE: cls for cls in (
-    Activate, Kill, RingBases, RequestStats, GetState, Ping,
+    Activate, Kill, RingBases, SetCallFd, RequestStats, GetState, Ping,
     Reply, StatsEvent, CountersEvent, LogEvent, ErrorEvent)}
-REQUESTS = frozenset({Activate, Kill, RingBases, RequestStats, GetState, Ping})
+REQUESTS = frozenset({Activate, Kill, RingBases, SetCallFd, RequestStats, GetState, Ping})
+FD_MESSAGES = frozenset({SetCallFd})       # the only message that may carry an fd
 # Requests without fields, by wire name: what a caller can ask for by name alone.
 SIMPLE_REQUESTS: dict[str, type[Message]] = {cls.TYPE: cls for cls in (Kill, RequestStats,
                                                                         GetState, Ping)}

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import logging
 import os
+import array
 import select
+import socket
 import time
 from dataclasses import asdict
 
 from device.balloon import BalloonQueues, QueueSpec, build_queues, queue_layout
-from device.command import (MAX_MESSAGE, Activate, CountersEvent, ErrorEvent, GetState, Kill,
-                            LogEvent, Message, Ping, ProtocolError, RegionSpec, RequestStats,
-                            RingBases, StatsEvent, clip, decode, encode, reply_error, reply_ok)
+from device.command import (FD_MESSAGES, MAX_MESSAGE, Activate, CountersEvent, ErrorEvent,
+                            GetState, Kill, LogEvent, Message, Ping, ProtocolError, RegionSpec,
+                            RequestStats, RingBases, SetCallFd, StatsEvent, clip, decode, encode,
+                            reply_error, reply_ok)
 from device.errors import DeviceError, GuestError, InvalidQueueConfig
 from device.memory import GuestMemory, MemoryRegion
 from device.notify import drain_fd, signal_fd
@@ -40,6 +43,15 @@ MAX_PARTIAL_PAGES = 64           # partial huge pages handed to the next worker,
 PARTIAL_PAGES_BUDGET = 32 * 1024  # ... and this many hex digits of bitmap in all
 _POLL_IN = select.POLLIN | select.POLLPRI
 _POLL_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
+_FD_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)   # room for a few; one is used
+
+
+def _fds(ancillary: list) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", data[:len(data) - len(data) % 4]))
+    return fds
 
 
 class _EventLogHandler(logging.Handler):
@@ -58,6 +70,9 @@ class Worker:
 
     def __init__(self, command_fd: int, owns_fds: bool = True) -> None:
         self.command_fd = command_fd
+        # A socket object only to receive fds with a command (recvmsg); writes stay os.write.
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=command_fd)
+        self.received_fds: set[int] = set()      # fds the parent sent us: ours to close
         self.owns_fds = owns_fds
         self.memory: GuestMemory | None = None
         self.queues: BalloonQueues | None = None
@@ -147,27 +162,43 @@ class Worker:
 
     def _on_command(self) -> None:
         try:
-            data = os.read(self.command_fd, MAX_MESSAGE + 1)
+            data, ancillary, _, _ = self.sock.recvmsg(MAX_MESSAGE + 1, _FD_SPACE,
+                                                      socket.MSG_CMSG_CLOEXEC)
         except ConnectionResetError:
-            data = b""                   # the parent closed with commands unread: gone
+            data, ancillary = b"", []    # the parent closed with commands unread: gone
+        fds = _fds(ancillary)
         if not data:
+            self._close_fds(fds)
             self.running = False
             return
         try:
             envelope = decode(data)
+            if fds and type(envelope.message) not in FD_MESSAGES or \
+                    type(envelope.message) in FD_MESSAGES and len(fds) != 1:
+                raise ProtocolError(f"{envelope.message.TYPE} came with {len(fds)} fds")
         except ProtocolError as exc:
+            self._close_fds(fds)
             self.send(reply_error(0, f"bad message: {exc}"))
             return
         try:
-            result = self._handle(envelope.message)
+            result = self._handle(envelope.message, fds)
         except DeviceError as exc:
+            self._close_fds(fds)
             self.send(reply_error(envelope.id, f"{type(exc).__name__}: {exc}"))
             return
         self.send(reply_ok(envelope.id, result))
 
-    def _handle(self, message: Message) -> dict:
-        """One request's result; raises ``DeviceError`` to refuse it."""
+    @staticmethod
+    def _close_fds(fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+
+    def _handle(self, message: Message, fds: list[int]) -> dict:
+        """One request's result; raises ``DeviceError`` to refuse it (the caller then
+        closes ``fds``)."""
         match message:
+            case SetCallFd(queue=queue):
+                return self._set_call_fd(queue, fds[0])
             case Activate():
                 return self._activate(message)
             case Kill():
@@ -233,6 +264,20 @@ class Worker:
                 signal_fd(spec.call_fd)
         return {"queues": list(built)}
 
+    def _set_call_fd(self, queue: str, fd: int) -> dict:
+        if self.queues is None or queue not in self.queues.call_fds:
+            raise InvalidQueueConfig(f"no queue {queue!r} to give a call fd to")
+        os.set_blocking(fd, False)
+        old = self.queues.call_fds[queue]
+        self.queues.call_fds[queue] = fd
+        self.received_fds.add(fd)
+        if self.owns_fds or old in self.received_fds:
+            self.received_fds.discard(old)
+            os.close(old)
+        # An interrupt may have gone to the old fd as the VMM swapped: one more is harmless.
+        signal_fd(fd)
+        return {"queue": queue}
+
     def _ring_bases(self, message: RingBases) -> dict:
         """Read each ring's used index from guest memory and end: what a replacement worker
         is started for when the one serving could not say where its rings stand."""
@@ -274,6 +319,9 @@ class Worker:
         if self.memory is not None:
             self.memory.close()
             self.memory = None
+        self._close_fds(sorted(self.received_fds))
+        self.received_fds.clear()
+        self.sock.detach()               # the fd is the caller's to close
 
 
 def run_worker(command_fd: int, owns_fds: bool = True) -> None:

@@ -3,6 +3,7 @@ and a worker that gets garbage answers with an error and keeps serving."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 
@@ -13,7 +14,8 @@ from hypothesis import strategies as st
 
 from device.command import (MAX_MESSAGE, MESSAGES, Activate, CountersEvent, Envelope,
                             ErrorEvent, GetState, Kill, LogEvent, Ping, ProtocolError, RegionSpec,
-                            Reply, RequestStats, RingBases, RingSpec, StatsEvent, UsedRing,
+                            Reply, RequestStats, RingBases, RingSpec, SetCallFd, StatsEvent,
+                            UsedRing,
                             decode, encode, reply_error)
 from device.worker import run_worker
 
@@ -120,10 +122,35 @@ def test_every_message_type_round_trips_through_its_schema():
     """The schema is the dataclasses: each type decodes exactly what it encodes."""
     region = RegionSpec(0, 4096, 3, 0, None, 4096)
     samples = [Activate(1, 0.5, [region], [RingSpec(**GOOD_QUEUE, next_avail=None)]),
-               Kill(), RingBases(1, [region], [UsedRing(8192)]), RequestStats(), GetState(),
+               Kill(), RingBases(1, [region], [UsedRing(8192)]), SetCallFd("inflate"),
+               RequestStats(), GetState(),
                Ping(), Reply(ok=True, result={"ring_bases": {"inflate": 3}}),
                Reply(ok=False, error="no"), StatsEvent({"free_memory": 1}, 2.0),
                CountersEvent({"kicks": 3}), LogEvent(20, "hello"), ErrorEvent("inflate", "bad")]
     assert {type(m) for m in samples} == set(MESSAGES.values())
     for message in samples:
         assert decode(encode(message, 5)) == Envelope(5, message)
+
+
+def test_fds_come_only_with_the_message_that_carries_one():
+    """An fd with any other command, or a set_call_fd without exactly one, is refused and
+    the fds are closed (the worker does not keep what it may not have)."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    thread = threading.Thread(target=run_worker, args=(child.fileno(), False), daemon=True)
+    thread.start()
+    parent.settimeout(5)
+    r, w = os.pipe()
+    before = set(os.listdir("/proc/self/fd"))
+    for data, fds in ((encode(Ping(), 3), [r]), (encode(SetCallFd("inflate"), 4), []),
+                      (encode(SetCallFd("inflate"), 5), [r, w]),
+                      (encode(SetCallFd("inflate"), 6), [r])):    # no queues: refused too
+        socket.send_fds(parent, [data], fds)
+        assert decode(parent.recv(MAX_MESSAGE)).message.ok is False
+    assert set(os.listdir("/proc/self/fd")) <= before
+    parent.send(encode(Kill(), 9))
+    decode(parent.recv(MAX_MESSAGE))
+    thread.join(5)
+    os.close(r)
+    os.close(w)
+    parent.close()
+    child.close()

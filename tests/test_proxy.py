@@ -135,8 +135,15 @@ def test_real_worker_needs_nothing_outside_its_policy(ram, mode):
     driver.report([(16 * MIB, 4 * MIB)])
     driver.refresh_stats({VIRTIO_BALLOON_S_MEMFREE: 2})     # the interval handed it back
     wait_for(lambda: proxy.stats.values == {"free_memory": 2}, what="refreshed stats")
-    queue = driver.queues["inflate"]                         # a bad buffer: logged, counted
-    queue.add([(queue.scratch, 3)])
+    queue = driver.queues["inflate"]                         # a new call fd, taken live
+    new_call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    proxy.swap_call_fd(0, new_call)
+    os.close(queue.call_fd)
+    queue.call_fd = new_call
+    wait_for(lambda: select.select([new_call], [], [], 0)[0], what="the new call fd signalled")
+    driver.inflate(256)
+    assert proxy.worker is worker and proxy.restarts == 0
+    queue.add([(queue.scratch, 3)])                          # a bad buffer: logged, counted
     queue.kick()
     driver.wait_used("inflate", 1)
     assert proxy.request("state")["counters"]["bad_buffers"] == 1

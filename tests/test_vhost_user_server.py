@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import struct
 
@@ -322,13 +323,13 @@ def huge_ram():
             f.write(old)
 
 
-def _swap_call_fd(frontend, driver) -> None:
-    for index, queue in enumerate(driver.queues.values()):
-        assert frontend.ack(vu.SetVringCall(index, queue.call_fd, need_reply=True))
+def _swap_kick_fd(frontend, driver) -> None:
+    """A kick fd swap: the worker is replaced (gracefully), resuming its rings."""
+    assert frontend.ack(vu.SetVringKick(0, driver.queues["inflate"].kick_fd, need_reply=True))
 
 
 def test_partial_huge_pages_survive_an_fd_swap(tmp_path, huge_ram):
-    """Issue 16 defect: the worker restarted for an fd swap forgot which small pages of a
+    """Issue 16 defect: the worker restarted for a kick fd swap forgot which small pages of a
     huge page were already in the balloon, so that huge page was never released."""
     with served_device(tmp_path, huge_ram, proxy=ProxyOptions(jail=True)) as (server, frontend,
                                                                                driver, _):
@@ -336,7 +337,7 @@ def test_partial_huge_pages_survive_an_fd_swap(tmp_path, huge_ram):
         driver.inflate(256)                               # half of the top huge page
         free = _huge_free()
         pid = _worker_pid(server)
-        _swap_call_fd(frontend, driver)                   # a graceful worker replacement
+        _swap_kick_fd(frontend, driver)                   # a graceful worker replacement
         wait_for(lambda: server.server.device.state == "active" and _worker_pid(server) != pid,
                  what="the replacement")
         driver.inflate(256)                               # the other half
@@ -417,3 +418,25 @@ def test_rings_beyond_the_negotiated_queues_are_accepted_and_ignored(served):
         os.close(call)
     assert server.server.device.state == "active" and _worker_pid(server) == pid
     driver.inflate(256)                                     # still served, untouched
+
+
+def test_call_fd_swaps_are_taken_by_the_live_worker(served):
+    """QEMU swaps every call fd right after the device starts (issue 11.3): each swap used
+    to restart the worker; now the serving worker takes the new fd, and signals it."""
+    server, frontend, driver, options = served
+    pid = _worker_pid(server)
+    for _ in range(3):
+        for index, queue in enumerate(driver.queues.values()):
+            new = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            assert frontend.ack(vu.SetVringCall(index, new, need_reply=True))
+            os.close(queue.call_fd)
+            queue.call_fd = new
+    # The worker signals the new fd (once at the swap, for an interrupt the old may have
+    # swallowed); the driver then waits on it for its buffers (wait_used drains it).
+    wait_for(lambda: select.select([driver.queues["inflate"].call_fd], [], [], 0)[0],
+             what="the new call fd signalled")
+    driver.inflate(256)
+    with ControlClient(options.control_path) as client:
+        status = client.request("status")
+    assert status["worker_restarts"] == 0 and status["worker_pid"] == pid
+    assert server.server.device.restarts == 0
