@@ -103,7 +103,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="machine-readable output")
             if verb == "stats":
                 p.add_argument("--refresh", action="store_true",
-                               help="also ask the guest for fresh stats")
+                               help="ask the guest for fresh stats and wait for them")
+                p.add_argument("--timeout", type=float, default=2.0, metavar="S",
+                               help="with --refresh: how long to wait (default 2)")
     return parser
 
 
@@ -231,7 +233,13 @@ def _status(client: ControlClient, args: argparse.Namespace) -> int:
 
 
 def _stats(client: ControlClient, args: argparse.Namespace) -> int:
-    stats = client.request("stats", refresh=args.refresh)
+    if args.refresh:
+        if not 0 <= args.timeout <= 60:
+            raise RequestError("--timeout must be 0..60 seconds")
+        client.timeout = max(client.timeout, args.timeout + 5)
+        stats = client.request("stats", refresh=True, timeout=args.timeout)
+    else:
+        stats = client.request("stats")
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
         return 0

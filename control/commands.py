@@ -18,6 +18,16 @@ from device.balloon import PAGE_SIZE, feature_names
 
 COMMANDS = ("status", "stats", "set", "adjust", "wait", "reset")
 MAX_WAIT = 3600.0
+DEFAULT_REFRESH_WAIT = 2.0
+MAX_REFRESH_WAIT = 60.0
+
+
+@dataclass(frozen=True)
+class RefreshRequest:
+    """``stats`` with ``refresh``: answered by the server once the guest has sent values
+    newer than the request, or with an error after ``timeout``."""
+
+    timeout: float
 
 
 @dataclass(frozen=True)
@@ -76,8 +86,10 @@ def _device(device: VmDevice | None) -> VmDevice:
     return device
 
 
-def handle(device: VmDevice | None, message: dict) -> dict[str, Any] | WaitRequest:
-    """Run one request; returns the reply body, or a ``WaitRequest`` for the server."""
+def handle(device: VmDevice | None,
+           message: dict) -> dict[str, Any] | WaitRequest | RefreshRequest:
+    """Run one request; returns the reply body, or a ``WaitRequest``/``RefreshRequest``
+    the server answers later."""
     cmd = message.get("cmd")
     if device is not None:
         device.check_alive()        # any operator request checks the worker still answers
@@ -85,11 +97,17 @@ def handle(device: VmDevice | None, message: dict) -> dict[str, Any] | WaitReque
         _check_fields(message, set())
         return status(device)
     if cmd == "stats":
-        _check_fields(message, {"refresh"})
+        _check_fields(message, {"refresh", "timeout"})
         refresh = message.get("refresh", False)
         if type(refresh) is not bool:
             raise RequestError("'refresh' must be true or false")
-        return stats(device, refresh)
+        timeout = _number(message, "timeout", 0, MAX_REFRESH_WAIT, DEFAULT_REFRESH_WAIT)
+        if not refresh:
+            return stats(device, False)
+        if device is None or not device.request_stats():
+            raise RequestError("no guest to ask for fresh statistics (none connected, or "
+                               "its device is not active)")
+        return RefreshRequest(timeout)
     if cmd == "set":
         _check_fields(message, {"size"})
         size = message.get("size")

@@ -66,9 +66,13 @@ class Client:
 
 @dataclass
 class Waiter:
+    """A ``wait`` (``watch`` set) or a ``stats`` refresh (``asked_at``) to answer later."""
+
     client: Client
     ident: object
-    watch: SettleWatch
+    watch: SettleWatch | None = None
+    asked_at: float = 0.0
+    deadline: float = 0.0
 
 
 class Server:
@@ -245,10 +249,10 @@ class Server:
         if device.state != "idle":
             self._stopping.add(device)
             device.listeners.append(lambda: self._stopped(device))
-        for waiter in self.waiters:
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
             self._reply(waiter.client, {"id": waiter.ident, "ok": False,
                                         "error": "the guest disconnected"})
-        self.waiters.clear()
 
     def _stopped(self, device: VmDevice) -> None:
         if device.state == "idle":
@@ -309,11 +313,18 @@ class Server:
             ident = None
         device = self.device
         try:
-            result = commands.handle(device, message)
-            if isinstance(result, commands.WaitRequest):
+            if message.get("cmd") == "wait" or message.get("cmd") == "stats" \
+                    and message.get("refresh") is True:
                 self._check_wait_limits(client)
+            result = commands.handle(device, message)
         except RequestError as exc:
             self._reply(client, {"id": ident, "ok": False, "error": str(exc)})
+            return
+        if isinstance(result, commands.RefreshRequest):
+            now = time.monotonic()
+            self.waiters.append(Waiter(client, ident, asked_at=now,
+                                       deadline=now + result.timeout))
+            self._check_waiters()
             return
         if isinstance(result, commands.WaitRequest):
             self.waiters.append(Waiter(client, ident, device.settle_watch(result.timeout,
@@ -339,6 +350,10 @@ class Server:
             for waiter in done:
                 if waiter.client.sock.fileno() < 0:
                     continue                    # its client went away while we replied
+                if waiter.watch is None:
+                    if not self._check_refresh(waiter, now):
+                        self.waiters.append(waiter)
+                    continue
                 device = self.device
                 if device is None:
                     outcome = "disconnected"
@@ -353,6 +368,23 @@ class Server:
                                             "outcome": outcome, **body})
         if self.waiters and (self._tick is None or not self._tick.pending):
             self._tick = self.loop.call_later(TICK, self._check_waiters)
+
+    def _check_refresh(self, waiter: Waiter, now: float) -> bool:
+        """Answer a stats refresh if the guest sent newer values or time is up."""
+        device = self.device
+        updated = device.stats.updated_monotonic if device is not None else None
+        if device is not None and updated is not None and updated > waiter.asked_at:
+            self._reply(waiter.client, {"id": waiter.ident, "ok": True,
+                                        **commands.stats(device, refresh=False),
+                                        "refresh_requested": True})
+            return True
+        if device is None or now >= waiter.deadline:
+            why = ("the guest disconnected" if device is None else
+                   f"the guest did not refresh its statistics within "
+                   f"{waiter.deadline - waiter.asked_at:g} s")
+            self._reply(waiter.client, {"id": waiter.ident, "ok": False, "error": why})
+            return True
+        return False
 
     def _reply(self, client: Client, message: dict) -> None:
         if client.sock.fileno() < 0:

@@ -82,6 +82,10 @@ def test_every_verb_against_a_real_guest(rig, capsys):
     assert stats["total_memory"] > 100 * MIB
     code, out, _ = cli(capsys, "stats", "--control", ctl)
     assert code == 0 and "free_memory" in out and "updated" in out
+    before = stats["updated_at"]
+    code, out, _ = cli(capsys, "stats", "--refresh", "--json", "--control", ctl)
+    fresh = json.loads(out)                         # newer than the request: waited for
+    assert code == 0 and fresh["updated_at"] > before and fresh["refresh_requested"] is True
 
     code, out, _ = cli(capsys, "adjust", "-256", "--control", ctl)
     assert code == 0 and rig.control.request("status")["target_bytes"] == 63 * MIB
@@ -301,3 +305,10 @@ def test_seccomp_log_mode_reports_denials_in_status(tmp_path, ram):
             denials = wait_for(lambda: client.request("status")["seccomp_denials"],
                                what="the denial to be reported")
         assert denials == {"madvise": 1}
+
+
+def test_stats_refresh_from_a_guest_that_does_not_answer_exits_1(tmp_path, ram, capsys):
+    with served_device(tmp_path, ram) as (server, _, _, options):
+        code, _, err = cli(capsys, "stats", "--refresh", "--timeout", "0.2",
+                           "--control", options.control_path)
+    assert code == 1 and "did not refresh its statistics within 0.2 s" in err

@@ -232,11 +232,14 @@ def test_a_flood_of_stats_refreshes_is_coalesced(tmp_path, ram):
         os.kill(pid, signal.SIGSTOP)                 # nothing it is asked gets answered
         try:
             for ident in range(2000):
-                sock.sendall(encode_frame({"id": ident, "cmd": "stats", "refresh": True}))
+                sock.sendall(encode_frame({"id": ident, "cmd": "stats", "refresh": True,
+                                           "timeout": 0}))
             decoder, replies = FrameDecoder(), []
             while len(replies) < 2000:
                 replies += decoder.feed(sock.recv(65536))
-            assert all(r["ok"] for r in replies)
+            # Each is answered (here: not refreshed in 0 s), none waits on the worker.
+            assert {r["ok"] for r in replies} == {False}
+            assert all("did not refresh" in r["error"] for r in replies)
         finally:
             os.kill(pid, signal.SIGCONT)
         assert _status_in(options.control_path, 0.5)["worker_pid"] == pid

@@ -440,3 +440,23 @@ def test_call_fd_swaps_are_taken_by_the_live_worker(served):
         status = client.request("status")
     assert status["worker_restarts"] == 0 and status["worker_pid"] == pid
     assert server.server.device.restarts == 0
+
+
+def test_stats_refresh_waits_for_values_newer_than_the_request(served):
+    """Issue 11.4: ``stats --refresh`` used to return the previous sample."""
+    from device.stats import VIRTIO_BALLOON_S_MEMFREE
+    import threading
+    _, _, driver, options = served
+    driver.send_stats({VIRTIO_BALLOON_S_MEMFREE: 111})
+    with ControlClient(options.control_path) as client:
+        wait_for(lambda: client.request("stats")["free_memory"] == 111, what="first stats")
+        # The guest answers the hand-back with new values (what Linux does at once).
+        guest = threading.Thread(target=driver.refresh_stats,
+                                 args=({VIRTIO_BALLOON_S_MEMFREE: 222},), daemon=True)
+        guest.start()
+        fresh = client.request("stats", refresh=True, timeout=5)
+        guest.join(5)
+        assert fresh["free_memory"] == 222 and fresh["refresh_requested"] is True
+        # A guest that does not refresh: a clear error after the timeout.
+        with pytest.raises(Exception, match="did not refresh its statistics within 0.3 s"):
+            client.request("stats", refresh=True, timeout=0.3)
