@@ -117,6 +117,7 @@ class VhostUserSession:
         self.closed = False
         self._partial: tuple = ()       # a stopped worker's partial huge pages, to hand on
         self._extra_logged: set[int] = set()
+        self._hints: set[str] = set()
         self.on_reply: Callable[[bytes | None], None] = lambda reply: None
         self.on_error: Callable[[BaseException], None] = lambda exc: None
         device.on_config_change = self.notify_config_change
@@ -237,6 +238,7 @@ class VhostUserSession:
             case vu.ResetDevice() | vu.ResetOwner():
                 return self.reset()
             case vu.GetConfig():
+                self._hint_config_size(event.size)
                 data = self.device.read_config(event.offset, event.size)
                 return conn.reply_config(event.offset, event.size, event.flags,
                                          data.ljust(event.size, b"\0"))
@@ -429,9 +431,25 @@ class VhostUserSession:
                             indirect=bool(features >> VIRTIO_F_INDIRECT_DESC & 1))
                 for ring in self.state.vrings[:len(self.device.queue_names())]]
 
+    def _hint(self, key: str, text: str) -> None:
+        """Log, once per connection, a likely VMM configuration mistake and its fix."""
+        if key not in self._hints:
+            self._hints.add(key)
+            log.warning("%s", text)
+
+    def _hint_config_size(self, size: int) -> None:
+        if size < 8:
+            self._hint("config-size", f"the front-end reads {size} bytes of config space, "
+                       f"the guest needs 8 (num_pages, actual): with QEMU, give "
+                       f"vhost-user-test-device-pci config_size=8")
+
     def _maybe_activate(self) -> Handler:
         names = self.device.queue_names()
         rings = self.state.vrings[:len(names)]
+        if not self.state.regions and rings and all(r.kicked for r in rings):
+            self._hint("no-memory", "the rings are set up but no memory table arrived: with "
+                       "QEMU, guest RAM must be shared (-object "
+                       "memory-backend-memfd,...,share=on and -machine memory-backend=...)")
         if self.state.active or not self.state.regions \
                 or any(not r.kicked or r.call_fd < 0 or r.addr is None for r in rings):
             return

@@ -460,3 +460,44 @@ def test_stats_refresh_waits_for_values_newer_than_the_request(served):
         # A guest that does not refresh: a clear error after the timeout.
         with pytest.raises(Exception, match="did not refresh its statistics within 0.3 s"):
             client.request("stats", refresh=True, timeout=0.3)
+
+
+def test_a_config_read_too_small_logs_the_fix(served, caplog):
+    """Issue 11.7: a mistake vballoon can see from its side is logged with its fix."""
+    _, frontend, _, _ = served
+    with caplog.at_level("WARNING", logger="vballoon.vhost"):
+        frontend.call(vu.GetConfig(0, 4, 0))
+        frontend.call(vu.GetConfig(0, 4, 0))
+    hints = [r.getMessage() for r in caplog.records if "config_size=8" in r.getMessage()]
+    assert len(hints) == 1                                   # once per connection
+
+
+def test_rings_without_a_memory_table_log_the_fix(tmp_path, ram, caplog):
+    """QEMU with RAM that is not shared sets up the rings but never sends a memory table."""
+    from tests.frontend import Frontend, ServerThread
+    from control.server import ServeOptions
+    from device.balloon import BalloonOptions, queue_layout
+    from tests.driver import BalloonDriver
+    options = ServeOptions(str(tmp_path / "v.sock"), str(tmp_path / "c.sock"))
+    server = ServerThread(options)
+    frontend = Frontend(options.socket_path)
+    features = BalloonOptions().features()
+    driver = BalloonDriver(ram, queue_layout(features), features)
+    try:
+        with caplog.at_level("WARNING", logger="vballoon.vhost"):
+            assert frontend.ack(vu.SetFeatures(features | 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES,
+                                               need_reply=True))
+            for index, queue in enumerate(driver.queues.values()):
+                user = 0x7F00_0000_0000
+                for request in (vu.SetVringCall(index, queue.call_fd, need_reply=True),
+                                vu.SetVringNum(index, queue.size, need_reply=True),
+                                vu.SetVringAddr(index, 0, user + queue.desc, user + queue.used,
+                                                user + queue.avail, 0, need_reply=True),
+                                vu.SetVringKick(index, queue.kick_fd, need_reply=True)):
+                    assert frontend.ack(request)
+        assert any("share=on" in r.getMessage() for r in caplog.records)
+        assert server.server.device.state == "idle"
+    finally:
+        frontend.close()
+        server.stop()
+        driver.close()
