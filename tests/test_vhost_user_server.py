@@ -482,7 +482,7 @@ def test_rings_without_a_memory_table_log_the_fix(tmp_path, ram, caplog):
     server = ServerThread(options)
     frontend = Frontend(options.socket_path)
     features = BalloonOptions().features()
-    driver = BalloonDriver(ram, queue_layout(features), features)
+    driver = BalloonDriver(ram, queue_layout(features), features, write_config=frontend.write_config)
     try:
         with caplog.at_level("WARNING", logger="vballoon.vhost"):
             assert frontend.ack(vu.SetFeatures(features | 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES,
