@@ -3,8 +3,9 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 GUEST   := .cache/guest/.ready
+QEMU    := .cache/qemu/.ready
 
-.PHONY: all test demo bench setup guest clean
+.PHONY: all test demo bench setup guest qemu clean
 
 all: test
 
@@ -20,7 +21,13 @@ $(GUEST): guest/prepare.sh guest/init $(STAMP)
 
 guest: $(GUEST)
 
-test: $(STAMP) $(GUEST)
+# QEMU 11 from Debian sid (TCG), a sid kernel and a busybox initramfs: the QEMU test bed.
+$(QEMU): guest/prepare_qemu.sh guest/qemu_init $(STAMP)
+	bash guest/prepare_qemu.sh .cache/qemu
+
+qemu: $(QEMU)
+
+test: $(STAMP) $(GUEST) $(QEMU)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP) $(GUEST)

@@ -26,7 +26,8 @@
 #   vmlinuz       the guest kernel
 #   initrd.img    gzip'd newc cpio with /init, busybox and the modules
 #   VERSIONS      key=value: QEMU version, kernel release, package versions, sizes
-#   debs/         the .deb files and MANIFEST (kept so a rebuild needs no network)
+#   debs/         the .deb files, MANIFEST (file package version), FLAVOUR and MIRROR
+#                 (kept so a rebuild needs no network)
 #
 # Environment (all optional):
 #   VBALLOON_DEBIAN_MIRROR        Debian mirror URI; default: the machine's own apt source
@@ -38,6 +39,7 @@
 # cpio, patchelf (scripts/setup.sh installs them). As root, apt still downloads as
 # its unprivileged _apt user.
 set -euo pipefail
+shopt -s inherit_errexit   # a failure inside $(...) is a failure
 
 die() { echo "prepare_qemu.sh: error: $*" >&2; exit 1; }
 log() { echo "prepare_qemu.sh: $*" >&2; }
@@ -80,7 +82,7 @@ fingerprint() {
     {
         sha256sum "$here/prepare_qemu.sh" "$here/qemu_init" "$BUSYBOX"
         cat "$dest/debs/MANIFEST" 2>/dev/null || true
-        echo "$dest"
+        echo "$dest $FLAVOUR"
     } | sha256sum | cut -d' ' -f1
 }
 
@@ -129,7 +131,8 @@ system_mirror() {
 # Runs apt-get or apt-cache ($1) with every piece of state in $dest/apt. -c clears
 # the hooks that the system's apt.conf.d attaches to "update" and dpkg runs (they
 # would act on the system, not on our lists); the empty status file keeps the host's
-# installed packages out of every answer.
+# installed packages out of every answer. The binary caches are turned back on (Docker
+# images turn them off): without them every apt-cache call parses the lists, ~1.4 s.
 private_apt() {
     local tool="$1" a="$dest/apt"
     shift
@@ -140,6 +143,8 @@ private_apt() {
         -o "Dir::State::status=$a/status" \
         -o "Dir::Cache=$a/cache" \
         -o "Dir::Cache::Archives=$a/archives" \
+        -o Dir::Cache::pkgcache=pkgcache.bin \
+        -o Dir::Cache::srcpkgcache=srcpkgcache.bin \
         "$@"
 }
 
@@ -172,13 +177,32 @@ apt_download() {
 # Prints the real packages that package $1 depends on (Depends and Pre-Depends, every
 # alternative), one per line. Virtual packages (<name>) are left out.
 depends_of() {
-    private_apt apt-cache depends --no-recommends --no-suggests --no-conflicts \
-        --no-breaks --no-replaces --no-enhances "$1" \
-        | sed -nE 's/^ [ |](Pre)?Depends: ([^<][^ ]*)$/\2/p' | sort -u
+    load_depends "$1"
+    printf '%s\n' ${DEPS[$1]}
 }
 
-section_of() {
-    private_apt apt-cache show --no-all-versions "$1" | sed -nE 's/^Section: //p' | head -n1
+# Fills DEPS[pkg] (space-separated, as depends_of prints them) for the packages $@ not
+# loaded yet, with one apt-cache call. Call it outside $(...) to keep the results.
+load_depends() {
+    local todo=() p out line cur=""
+    for p; do [ -n "${DEPS[$p]+set}" ] || todo+=("$p"); done
+    [ ${#todo[@]} -gt 0 ] || return 0
+    out="$(private_apt apt-cache depends --no-recommends --no-suggests --no-conflicts \
+        --no-breaks --no-replaces --no-enhances "${todo[@]}")"
+    for p in "${todo[@]}"; do DEPS[$p]=""; done
+    while IFS= read -r line; do
+        if [[ $line =~ ^[^[:space:]] ]]; then
+            cur="$line"
+        elif [[ -n $cur && $line =~ ^\ [\ \|](Pre)?Depends:\ ([^\<][^ ]*)$ ]]; then
+            DEPS[$cur]+="${BASH_REMATCH[2]} "
+        fi
+    done <<<"$out"
+}
+
+# Prints "package section" for each of the packages $@ (sid's candidate versions).
+sections_of() {
+    private_apt apt-cache show --no-all-versions "$@" \
+        | awk '/^Package: / { p = $2 } /^Section: / { print p, $2 }' | sort -u
 }
 
 # ---------------------------------------------------------------------------
@@ -238,7 +262,7 @@ find_lib() {
 # for every library no lib dir of the root has (requester: the package whose ELF
 # file needs it).
 missing_libs() {
-    local root="$1" rel so found
+    local root="$1" rel so found req
     local -A seen=()
     local queue=("$QEMU_REL")
     while [ ${#queue[@]} -gt 0 ]; do
@@ -250,7 +274,8 @@ missing_libs() {
             if found="$(find_lib "$root" "$so")"; then
                 queue+=("$found")
             else
-                echo "$so $(owner "$root" "$rel")"
+                req="$(owner "$root" "$rel")"
+                echo "$so $req"
             fi
         done < <(patchelf --print-needed "$root/$rel")
     done
@@ -293,12 +318,13 @@ resolve_libs() {
         round=$((round + 1))
         ((round <= 30)) || die "library closure does not converge; still missing: $missing"
         local -A want=() unmatched=()
+        load_depends $(awk '{ print $2 }' <<<"$missing" | sort -u)
         while read -r so req; do
             local hit=""
-            while read -r cand; do
-                [ -n "$cand" ] && [ -z "${have[$cand]:-}" ] || continue
+            for cand in ${DEPS[$req]}; do
+                [ -z "${have[$cand]:-}" ] || continue
                 if named_for "$so" "$cand"; then hit="$cand"; break; fi
-            done < <(depends_of "$req")
+            done
             if [ -n "$hit" ]; then want[$hit]=1; else unmatched["$so"]="$req"; fi
         done <<<"$missing"
         if [ ${#want[@]} -gt 0 ]; then
@@ -317,15 +343,16 @@ resolve_libs() {
         # requesters' library dependencies and keep those that contain one.
         local cands=()
         for so in "${!unmatched[@]}"; do
-            while read -r cand; do
-                [ -n "$cand" ] && [ -z "${have[$cand]:-}" ] || continue
-                case "$(section_of "$cand")" in */libs | libs) cands+=("$cand") ;; esac
-            done < <(depends_of "${unmatched[$so]}")
+            for cand in ${DEPS[${unmatched[$so]}]}; do
+                if [ -z "${have[$cand]:-}" ]; then cands+=("$cand"); fi
+            done
         done
         [ ${#cands[@]} -gt 0 ] || die "no sid package found for: $(tr '\n' ';' <<<"$missing")"
+        cands=($(sections_of "${cands[@]}" | awk '$2 == "libs" || $2 ~ /\/libs$/ { print $1 }'))
+        [ ${#cands[@]} -gt 0 ] || die "no library package among the dependencies for: $(tr '\n' ';' <<<"$missing")"
         local batch="$dl.probe$round"
         rm -rf "$batch"
-        apt_download "$batch" $(printf '%s\n' "${cands[@]}" | sort -u)
+        apt_download "$batch" "${cands[@]}"
         local kept=0
         for deb in "$batch"/*.deb; do
             pkg="$(dpkg-deb -f "$deb" Package)"
@@ -375,6 +402,7 @@ fetch_debs() {
         done
     } >"$dl/MANIFEST.new"
     echo "$mirror" >"$dl/MIRROR"
+    echo "$FLAVOUR" >"$dl/FLAVOUR"
     mv "$dl/MANIFEST.new" "$dl/MANIFEST"
     rm -rf "$dest/debs" && mv "$dl" "$dest/debs"
     # The lists (25 MB) only served this download.
@@ -387,7 +415,9 @@ have_debs() {
     while read -r file pkg version; do
         [ -f "$dest/debs/$file" ] || return 1
     done <"$dest/debs/MANIFEST"
-    grep -q ' qemu-system-x86 ' "$dest/debs/MANIFEST" && grep -q ' linux-' "$dest/debs/MANIFEST"
+    # A kernel of the flavour asked for: changing VBALLOON_QEMU_KERNEL_FLAVOUR refetches.
+    [ "$(cat "$dest/debs/FLAVOUR" 2>/dev/null)" = "$FLAVOUR" ] \
+        && grep -q ' qemu-system-x86 ' "$dest/debs/MANIFEST"
 }
 
 # ---------------------------------------------------------------------------
@@ -617,6 +647,7 @@ main() {
     log "ready: $(tr '\n' ' ' <"$dest/VERSIONS")"
 }
 
+declare -A DEPS=()
 lock_fd=""
 moddir=""
 release=""
