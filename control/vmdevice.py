@@ -88,6 +88,8 @@ class VmDevice:
         self.on_config_change: Callable[[], None] = lambda: None
         self.listeners: list[Callable[[], None]] = []   # anything changed (waits, status)
         self._stats_asked = False
+        self._config_reads = 0
+        self._hinted = False
 
     # -- the model -----------------------------------------------------------------------------
 
@@ -114,6 +116,7 @@ class VmDevice:
         self.model.ack_features(features)
 
     def read_config(self, offset: int, length: int) -> bytes:
+        self._config_reads += 1
         return self.model.read_config(offset, length)
 
     def write_config(self, offset: int, data: bytes) -> None:
@@ -284,4 +287,12 @@ class VmDevice:
     def _on_worker_event(self, kind: str, body: dict) -> None:
         if kind == "stats_event":
             self.stats = StatsSnapshot(body["values"], time.monotonic(), body["updated"])
+        elif kind == "counters" and not self._hinted and self._config_reads == 0 \
+                and body["values"].get("inflated_pages", 0) > 0:
+            # The guest inflates without ever having read the target: it reads config
+            # space elsewhere (QEMU with config_size=0 answers num_pages 0xFFFFFFFF itself).
+            self._hinted = True
+            log.error("the guest inflates its balloon but never read config space from us: "
+                      "with QEMU, give vhost-user-test-device-pci config_size=8 (the guest "
+                      "now believes the target is everything and will run out of memory)")
         self.changed()

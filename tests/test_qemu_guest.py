@@ -179,3 +179,22 @@ def test_a_second_guest_after_the_first_disconnects(reporting_rig):
     result = rig.set(64 * MIB)
     assert (result["outcome"], result["actual_bytes"]) == ("settled", 64 * MIB)
     assert rig.control.request("status")["worker_restarts"] == 0
+
+
+def test_config_size_left_at_zero_is_named_in_the_log(tmp_path, caplog):
+    """QEMU's default config_size=0: the guest reads num_pages 0xFFFFFFFF from QEMU itself
+    and inflates everything. vballoon never sees a config read, only the inflation, and
+    names the fix (issue 11.7)."""
+    options = ServeOptions(str(tmp_path / "vhost.sock"), str(tmp_path / "ctl.sock"),
+                           BalloonOptions(), ProxyOptions(jail=True))
+    server = ServerThread(options)
+    guest = QemuGuest(QemuConfig(mem_mib=256, vhost_socket=options.socket_path, config_size=0))
+    try:
+        with caplog.at_level("ERROR", logger="vballoon.device"):
+            guest.start()
+            guest.wait_ready()
+            wait_for(lambda: any("config_size=8" in r.getMessage() for r in caplog.records),
+                     timeout=20, what="the hint")
+    finally:
+        guest.stop()
+        server.stop()
