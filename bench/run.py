@@ -22,12 +22,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))        # the fake driver lives in tests/
 
-from bench import footprint, kicks, realguest, serve, startup, throughput  # noqa: E402
+from bench import footprint, kicks, qemu_side, realguest, serve, startup, throughput  # noqa: E402
 from bench.plot import write_plot  # noqa: E402
 from bench.results import Report  # noqa: E402
 from bench.system import GIB, MIB, Budget, cpu_pair, machine, machine_line, pinned  # noqa: E402
 
-SECTIONS = ("throughput", "startup", "footprint", "guest", "scaling", "kicks")
+SECTIONS = ("throughput", "startup", "footprint", "guest", "scaling", "kicks", "qemu")
 
 
 @dataclass(frozen=True)
@@ -50,18 +50,22 @@ class Plan:
     scaling_full_limit: int
     scaling_reps: int
     kick_seconds: float
+    qemu_sizes: tuple[int, ...]
+    qemu_runs: int
 
 
 FULL = Plan(budget=400, throughput_size=GIB, throughput_reps=5, activation_runs=30,
             serve_runs=10, footprint_size=GIB, guest_sizes=(64 * MIB, 256 * MIB, GIB),
             guest_runs=7, guest_mem_mib=1536, guest_placements=("same", "different"),
             trace_size=GIB, scaling_sizes=(256 * MIB, 512 * MIB, GIB, 2 * GIB, 4 * GIB),
-            scaling_fixed=256 * MIB, scaling_full_limit=GIB, scaling_reps=3, kick_seconds=3.0)
+            scaling_fixed=256 * MIB, scaling_full_limit=GIB, scaling_reps=3, kick_seconds=3.0,
+            qemu_sizes=(256 * MIB, 512 * MIB), qemu_runs=5)
 QUICK = Plan(budget=45, throughput_size=256 * MIB, throughput_reps=1, activation_runs=5,
              serve_runs=2, footprint_size=256 * MIB, guest_sizes=(64 * MIB, 256 * MIB),
              guest_runs=1, guest_mem_mib=512, guest_placements=("same",),
              trace_size=256 * MIB, scaling_sizes=(256 * MIB, GIB), scaling_fixed=64 * MIB,
-             scaling_full_limit=256 * MIB, scaling_reps=1, kick_seconds=0.5)
+             scaling_full_limit=256 * MIB, scaling_reps=1, kick_seconds=0.5,
+             qemu_sizes=(256 * MIB,), qemu_runs=1)
 
 
 def log(message: str) -> None:
@@ -143,6 +147,9 @@ def run(plan: Plan, only: list[str], args: argparse.Namespace, argv: list[str] |
     if "kicks" in only:
         with pinned({device_cpu}):
             kicks.run_kick_flood(report, plan.kick_seconds, device_placement, log)
+    if "qemu" in only:
+        qemu_side.run_side_by_side(report, list(plan.qemu_sizes), plan.qemu_runs, device_cpu,
+                                   Budget(plan.budget), log)
     _footprint_goal(report)
 
     if args.profile:
