@@ -13,7 +13,6 @@ side, everything pinned to one CPU (guest, QEMU and the device side share it).
 from __future__ import annotations
 
 import json
-import os
 import socket
 import tempfile
 import time

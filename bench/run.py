@@ -59,7 +59,7 @@ FULL = Plan(budget=400, throughput_size=GIB, throughput_reps=5, activation_runs=
             guest_runs=7, guest_mem_mib=1536, guest_placements=("same", "different"),
             trace_size=GIB, scaling_sizes=(256 * MIB, 512 * MIB, GIB, 2 * GIB, 4 * GIB),
             scaling_fixed=256 * MIB, scaling_full_limit=GIB, scaling_reps=3, kick_seconds=3.0,
-            qemu_sizes=(256 * MIB, 512 * MIB), qemu_runs=5)
+            qemu_sizes=(256 * MIB, 512 * MIB), qemu_runs=7)
 QUICK = Plan(budget=45, throughput_size=256 * MIB, throughput_reps=1, activation_runs=5,
              serve_runs=2, footprint_size=256 * MIB, guest_sizes=(64 * MIB, 256 * MIB),
              guest_runs=1, guest_mem_mib=512, guest_placements=("same",),

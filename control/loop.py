@@ -69,16 +69,20 @@ class EventLoop:
         """Call ``reader`` when ``fileobj`` is readable and ``writer`` when writable;
         both None stops watching it. Replaces what was watched for it before."""
         events = (selectors.EVENT_READ if reader else 0) | (selectors.EVENT_WRITE if writer else 0)
-        registered = self.watching(fileobj)
+        try:
+            key = self.selector.get_key(fileobj)
+        except (KeyError, ValueError):
+            key = None
         if not events:
-            if registered:
+            if key is not None:
                 self.selector.unregister(fileobj)
             return
-        data = _Watch(reader, writer)
-        if registered:
-            self.selector.modify(fileobj, events, data)
-        else:
-            self.selector.register(fileobj, events, data)
+        if key is None:
+            self.selector.register(fileobj, events, _Watch(reader, writer))
+        elif key.events != events or key.data.reader != reader or key.data.writer != writer:
+            # (Bound methods compare equal when they are the same method of the same
+            # object: re-watching with the same callbacks, the hot path, changes nothing.)
+            self.selector.modify(fileobj, events, _Watch(reader, writer))
 
     def unwatch(self, fileobj: Any) -> None:
         self.watch(fileobj)

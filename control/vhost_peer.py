@@ -47,6 +47,7 @@ class VhostUserPeer:
         self.out = bytearray()
         self.paused = False
         self.closed = False
+        self._writing = False             # watching the socket for writability
         self._backend_req: socket.socket | None = None
         device.on_config_change = self._config_changed
         conn.setblocking(False)
@@ -132,15 +133,17 @@ class VhostUserPeer:
         elif self.paused and backlog <= FRONTEND_LOW_WATER:
             log.info("the front-end reads its replies again")
             self.paused = False
-        self._update()
+        if backlog or self.paused or self._writing:
+            self._update()        # the hot path (all sent, nothing was pending) skips this
 
     def _update(self) -> None:
         """Watch the sockets for what this connection can do now."""
         if self.closed:
             return
         reading = not self.paused and not self.session.busy
+        self._writing = bool(self.out)
         self.loop.watch(self.conn, reader=self._readable if reading else None,
-                        writer=self._flush if self.out else None)
+                        writer=self._flush if self._writing else None)
         sock = self.session.backend_req
         if sock is not self._backend_req and self._backend_req is not None:
             self.loop.unwatch(self._backend_req)

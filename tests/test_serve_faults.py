@@ -14,14 +14,13 @@ import sys
 import time
 
 import msgpack
-import pytest
 
 from control import vhost_user as vu
 from control.client import ControlClient
 from control.server import MAX_WAITS_PER_CLIENT
 from control.wire import FrameDecoder, encode_frame
 from tests.driver import wait_for
-from tests.frontend import ServerThread, served_device
+from tests.frontend import served_device
 from tests.test_cli import idle_server, raw_client, read_reply  # noqa: F401 (fixture)
 
 
