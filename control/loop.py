@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import logging
 import selectors
 import socket
 import threading
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Callback = Callable[[], None]
+log = logging.getLogger("vballoon.loop")
 
 
 @dataclass(order=True)
@@ -156,16 +158,25 @@ class EventLoop:
                 continue
             watch: _Watch = current.data
             if mask & selectors.EVENT_WRITE and watch.writer is not None:
-                watch.writer()
+                self._call(watch.writer)
                 current = self.selector.get_map().get(key.fd)
                 if current is None or current.fileobj is not key.fileobj:
                     continue
                 watch = current.data
             if mask & selectors.EVENT_READ and watch.reader is not None:
-                watch.reader()
+                self._call(watch.reader)
         self._run_timers()
         for _ in range(len(self._soon)):
-            self._soon.popleft()()
+            self._call(self._soon.popleft())
+
+    def _call(self, callback: Callback) -> None:
+        """The loop's last failure domain: the server and the peers catch their own
+        errors; one that still escapes a callback (a bug) is logged with its traceback and
+        the loop goes on serving everyone else."""
+        try:
+            callback()
+        except Exception:
+            log.exception("unexpected error in an event loop callback")
 
     def _run_timers(self) -> None:
         now = time.monotonic()
@@ -173,7 +184,7 @@ class EventLoop:
             timer = heapq.heappop(self._timers)
             callback, timer.callback = timer.callback, None
             if callback is not None:
-                callback()
+                self._call(callback)
 
     def run_forever(self, running: Callable[[], bool]) -> None:
         """Run until ``running()`` is false (checked after every batch)."""

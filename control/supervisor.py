@@ -361,8 +361,14 @@ class Supervisor:
         self._exit_fd = worker.exit_fd()
         self.loop.watch(self._exit_fd, reader=self._on_exit)
         carry, self._carry = self._carry, False
-        self._request(activation.activate_message(resume, carry),
-                      lambda result: self._on_activated(worker, result), None)
+        try:
+            message = activation.activate_message(resume, carry)
+            encode(message)                # checked here: a bad activation fails the start
+        except ProtocolError as exc:
+            self._start_error = f"cannot describe the activation: {exc}"
+            self._kill()
+            return
+        self._request(message, lambda result: self._on_activated(worker, result), None)
 
     def _on_activated(self, worker: WorkerHandle, result: Any) -> None:
         if self.state != STARTING or self.worker is not worker:

@@ -121,6 +121,7 @@ class VhostUserSession:
         self.on_reply: Callable[[bytes | None], None] = lambda reply: None
         self.on_error: Callable[[BaseException], None] = lambda exc: None
         device.on_config_change = self.notify_config_change
+        device.config_reads_expected = True
 
     # -- dispatch ----------------------------------------------------------------------------
 

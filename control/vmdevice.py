@@ -89,6 +89,9 @@ class VmDevice:
         self.listeners: list[Callable[[], None]] = []   # anything changed (waits, status)
         self._stats_asked = False
         self._config_reads = 0
+        # Set by a vhost-user session: its guest reads config space through us, so a guest
+        # that inflates without reading it reads it somewhere else (a VMM mistake).
+        self.config_reads_expected = False
         self._hinted = False
 
     # -- the model -----------------------------------------------------------------------------
@@ -287,7 +290,8 @@ class VmDevice:
     def _on_worker_event(self, kind: str, body: dict) -> None:
         if kind == "stats_event":
             self.stats = StatsSnapshot(body["values"], time.monotonic(), body["updated"])
-        elif kind == "counters" and not self._hinted and self._config_reads == 0 \
+        elif kind == "counters" and self.config_reads_expected and not self._hinted \
+                and self._config_reads == 0 \
                 and body["values"].get("inflated_pages", 0) > 0:
             # The guest inflates without ever having read the target: it reads config
             # space elsewhere (QEMU with config_size=0 answers num_pages 0xFFFFFFFF itself).
