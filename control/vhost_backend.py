@@ -4,12 +4,16 @@ The codec (``control.vhost_user``) has already checked every message's shape and
 layer checks meaning (indices against the negotiated queues, addresses against the memory
 table) and keeps the per-connection state. Per ring::
 
-    new --SET_VRING_NUM/ADDR/BASE/CALL--> configured --SET_VRING_KICK--> kicked
-    (every negotiated ring kicked, memory table set) --> started (the jailed worker serves)
+    new --SET_VRING_NUM/ADDR/BASE/CALL--> configured --SET_VRING_KICK--> ready
+    ready (every negotiated ring ready, memory table set) --> started (the worker serves)
     started --GET_VRING_BASE / SET_VRING_ENABLE(0) / SET_FEATURES (a re-probe) /
-              RESET_DEVICE / RESET_OWNER--> stopped --(kicked again)--> started
-    started --SET_MEM_TABLE / SET_VRING_CALL / SET_VRING_KICK--> restarted (resume in place)
+              RESET_DEVICE / RESET_OWNER--> stopped --SET_VRING_KICK--> ready
+    started --SET_MEM_TABLE / SET_VRING_KICK--> (stopped, resume) --> started again
+    started --SET_VRING_CALL--> started (the live worker takes the new call fd)
     any --connection closed--> closed (the device is reset, then every fd closed)
+
+``Vring.state`` holds these names; the device is active exactly when its negotiated rings
+are ``started``. Rings beyond the negotiated queues are configured but never started.
 
 What differs between front-ends is named in ``FrontendProfile``s rather than guessed in the
 handlers. Config space is served here, in the parent: the guest reads it and writes
@@ -73,6 +77,9 @@ UML = FrontendProfile("uml")
 DEFAULT_PROFILE = UML
 
 
+NEW, CONFIGURED, READY, STARTED, STOPPED = "new", "configured", "ready", "started", "stopped"
+
+
 @dataclass
 class Vring:
     num: int = 0
@@ -80,8 +87,12 @@ class Vring:
     addr: vu.SetVringAddr | None = None
     kick_fd: int = -1
     call_fd: int = -1
-    kicked: bool = False     # a kick fd arrived since the rings last stopped: set up anew
+    state: str = NEW         # see the module docstring
     resume: bool = False     # restart at the used index in memory, not at ``base``
+
+    def configured(self) -> None:
+        if self.state == NEW:
+            self.state = CONFIGURED
 
     def close(self) -> None:
         for name in ("kick_fd", "call_fd"):
@@ -97,7 +108,7 @@ class SessionState:
     protocol_features: int = 0
     regions: tuple[MemoryRegion, ...] = ()
     vrings: list[Vring] = field(default_factory=lambda: [Vring() for _ in range(MAX_QUEUES)])
-    active: bool = False
+    active: bool = False     # the negotiated rings are started (kept equal to their states)
 
 
 class VhostUserSession:
@@ -216,13 +227,19 @@ class VhostUserSession:
             case vu.SetMemTable():
                 return self._set_mem_table(event)
             case vu.SetVringNum():
-                self._vring(event.index).num = event.num
+                vring = self._vring(event.index)
+                vring.num = event.num
+                vring.configured()
                 return None
             case vu.SetVringBase():
-                self._vring(event.index).base = event.num
+                vring = self._vring(event.index)
+                vring.base = event.num
+                vring.configured()
                 return None
             case vu.SetVringAddr():
-                self._vring(event.index).addr = event
+                vring = self._vring(event.index)
+                vring.addr = event
+                vring.configured()
                 return None
             case vu.SetVringCall():
                 return self._replace_fd(event, "call_fd")
@@ -336,7 +353,9 @@ class VhostUserSession:
 
     def _set_vring_kick(self, event: vu.SetVringKick) -> Handler:
         yield from self._replace_fd(event, "kick_fd")
-        self.state.vrings[event.index].kicked = True
+        vring = self.state.vrings[event.index]
+        if vring.state != STARTED:
+            vring.state = READY
         yield from self._maybe_activate()
         return None
 
@@ -374,6 +393,7 @@ class VhostUserSession:
         if old >= 0:
             os.close(old)
         setattr(vring, name, event.fd)
+        vring.configured()
         if was_active:
             yield from self._restart()
         return None
@@ -447,12 +467,12 @@ class VhostUserSession:
     def _maybe_activate(self) -> Handler:
         names = self.device.queue_names()
         rings = self.state.vrings[:len(names)]
-        if not self.state.regions and rings and all(r.kicked for r in rings):
+        if not self.state.regions and rings and all(r.state == READY for r in rings):
             self._hint("no-memory", "the rings are set up but no memory table arrived: with "
                        "QEMU, guest RAM must be shared (-object "
                        "memory-backend-memfd,...,share=on and -machine memory-backend=...)")
         if self.state.active or not self.state.regions \
-                or any(not r.kicked or r.call_fd < 0 or r.addr is None for r in rings):
+                or any(r.state != READY or r.call_fd < 0 or r.addr is None for r in rings):
             return
         specs = [QueueSpec(config, ring.kick_fd, ring.call_fd, None if ring.resume else ring.base)
                  for config, ring in zip(self._ring_configs(self.state.regions), rings)]
@@ -462,6 +482,7 @@ class VhostUserSession:
         yield lambda done: self.device.activate(regions, specs, done, partial)
         for ring in rings:
             ring.resume = False
+            ring.state = STARTED
         self.state.active = True
         log.info("device active: %d queues, %d MiB of guest memory, worker pid %s",
                  len(specs), sum(r.size for r in self.state.regions) >> 20,
@@ -492,13 +513,15 @@ class VhostUserSession:
                 ring.base = bases[name]
             ring.resume = resume or name not in bases
         for ring in self.state.vrings:
-            ring.kicked = False
+            if ring.state in (STARTED, READY):
+                ring.state = STOPPED if ring.state == STARTED else CONFIGURED
         self.state.active = False
 
     def _restart(self) -> Handler:
         """Serve again after a change made while active (new fds, new memory table)."""
         for ring in self.state.vrings:
-            ring.kicked = ring.kick_fd >= 0
+            if ring.kick_fd >= 0:
+                ring.state = READY
         yield from self._maybe_activate()
 
     def reset(self) -> Handler:

@@ -501,3 +501,29 @@ def test_rings_without_a_memory_table_log_the_fix(tmp_path, ram, caplog):
         frontend.close()
         server.stop()
         driver.close()
+
+
+def test_ring_states_follow_the_session(served):
+    """Issue 16.3: each ring's state is explicit: started while served, stopped by
+    GET_VRING_BASE, started again by a new kick; a call fd swap leaves it started."""
+    server, frontend, driver, _ = served
+    session = server.server.session
+    names = list(driver.queues)
+
+    def states() -> list[str]:
+        return [ring.state for ring in session.state.vrings[:len(names)]]
+    assert states() == ["started"] * len(names) and session.state.active
+    assert session.state.vrings[len(names)].state == "new"      # never configured
+    frontend.call(vu.GetVringBase(0))
+    assert states() == ["stopped"] * len(names) and not session.state.active
+    for index, queue in enumerate(driver.queues.values()):
+        assert frontend.ack(vu.SetVringKick(index, queue.kick_fd, need_reply=True))
+        if index < len(names) - 1:
+            assert states()[index] == "ready" and not session.state.active
+    assert states() == ["started"] * len(names) and session.state.active
+    new = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    assert frontend.ack(vu.SetVringCall(0, new, need_reply=True))
+    os.close(driver.queues["inflate"].call_fd)
+    driver.queues["inflate"].call_fd = new
+    assert states() == ["started"] * len(names)
+    driver.inflate(256)
