@@ -308,3 +308,22 @@ def test_stopped_and_continued_worker_keeps_serving(ram, jailed, pauses):
     driver.inflate(1024)
     assert ram.host_bytes() == ram.size - 1024 * PAGE
     assert proxy.worker.pid == pid and proxy.restarts == 0 and proxy.state == ACTIVE
+
+
+def test_thread_worker_exit_fd_is_closed_only_once_its_thread_ended():
+    """Issue 16 defect: the thread-mode worker's exit eventfd leaked when its thread
+    outlived the grace period; now it is released only (and always) once the thread ended."""
+    import socket as socket_module
+    from control.workers import ThreadWorker
+    parent, child = socket_module.socketpair(socket_module.AF_UNIX, socket_module.SOCK_SEQPACKET)
+    worker = ThreadWorker(child)
+    exit_fd = worker.exit_fd()
+    worker.release()                                   # still running: nothing closed
+    assert os.fstat(exit_fd) is not None
+    parent.close()                                     # EOF: the worker ends
+    wait_for(lambda: worker.reap() is not None, what="the worker thread ended")
+    worker.release()
+    assert worker.exit_fd() == -1
+    with pytest.raises(OSError):
+        os.fstat(exit_fd)
+    child.close()

@@ -527,3 +527,24 @@ def test_ring_states_follow_the_session(served):
     driver.queues["inflate"].call_fd = new
     assert states() == ["started"] * len(names)
     driver.inflate(256)
+
+
+@pytest.mark.parametrize("reprobe", [True, False], ids=["uml", "no-guess"])
+def test_set_features_while_active_is_a_named_profile_guess(tmp_path, ram, reprobe):
+    """UML re-probes with SET_FEATURES while the rings run (it sends nothing when its driver
+    goes): the UML profile stops the worker then; a profile without that guess does not."""
+    from control import vhost_backend
+    profile = vhost_backend.FrontendProfile("test", set_features_while_active_means_reprobe=reprobe)
+    original = vhost_backend.DEFAULT_PROFILE
+    vhost_backend.VhostUserSession.__init__.__defaults__ = (profile,)
+    try:
+        with served_device(tmp_path, ram) as (server, frontend, driver, _):
+            features = server.server.device.acked_features
+            acked = frontend.ack(vu.SetFeatures(features | 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES,
+                                                need_reply=True))
+            # UML profile: a re-probe, the worker stops and the features are taken. Without
+            # the guess: features cannot change under a running device, refused, still served.
+            assert acked is reprobe
+            assert server.server.session.state.active is (not reprobe)
+    finally:
+        vhost_backend.VhostUserSession.__init__.__defaults__ = (original,)
