@@ -2,13 +2,18 @@
 
 It owns the only mapping of guest memory and is the only code that reads guest-controlled
 data. It talks to the parent through one SOCK_SEQPACKET command socket (``device.command``)
-and to the guest through the queues' kick and call fds. It uses ``poll`` (no extra fd) and
-plain ``read``/``write`` on the socket, so its syscall set stays small (``balloon.policy``).
+and to the guest through the queues' kick and call fds. It uses ``poll`` (no extra fd),
+``recvmsg`` on the socket (a ``set_call_fd`` command brings an fd) and plain ``write``, so
+its syscall set stays small (``balloon.policy``). Every command waiting is handled in one
+pass (at most ``MAX_COMMANDS_PER_PASS``), and a pass over a queue stops after
+``MAX_RANGES_PER_PASS`` released ranges, so the parent is never kept waiting for long.
+Counters go to the parent while they move, at most every ``COUNTERS_INTERVAL``.
 
 Lifecycle::
 
     started --activate--> serving --kill--> (reply with state) exit
-       |                     |
+       |         |           |
+       |         +--ring_bases--> (reply with the used indices) exit
        +---- socket EOF -----+--> exit (the parent is gone)
 
 Guest errors never end the loop; they are counted and reported as ``error`` events, at
