@@ -182,10 +182,11 @@ class Server:
         self.loop.wake()
 
     def shutdown(self) -> None:
-        if self.frontend is not None:
+        frontend = self.frontend
+        if frontend is not None:
             # Nobody needs the worker's state any more: no graceful stop to wait for.
-            self.frontend.device.terminate()
-            self.frontend.close("shutting down")
+            frontend.device.terminate()
+            frontend.close("shutting down")         # no-op if terminating already closed it
         for device in list(self._stopping):
             device.terminate()
         self._stopping.clear()

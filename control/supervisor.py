@@ -261,6 +261,14 @@ class Supervisor:
             self._set_state(IDLE)
             self._finish_stop()
             return
+        if self.worker is None:
+            # Nothing runs (a start that failed before a worker existed): stopped already.
+            self._set_state(IDLE)
+            start_done, self._start_done = self._start_done, None
+            if start_done is not None:
+                start_done(WorkerError("stopped before it started serving"))
+            self._finish_stop()
+            return
         was = self.state
         self._set_state(STOPPING)
         self._stop_state = {}
@@ -279,6 +287,7 @@ class Supervisor:
             if timer is not None:
                 timer.cancel()
         worker = self.worker
+        pending: list[_Pending] = []
         if worker is not None:
             worker.kill()
             if self._channel is not None:
@@ -286,8 +295,13 @@ class Supervisor:
             self.loop.unwatch(self._exit_fd)
             worker.stop(self.options.kill_grace)
             self._forget_worker(worker, "terminated")
+            pending = self._take_pending()
         self._set_state(IDLE)
+        start_done, self._start_done = self._start_done, None
+        if start_done is not None:
+            start_done(WorkerError("serve is shutting down"))
         self._finish_stop()
+        self._fail(pending, "terminated")
 
     def request(self, message: Message, done: Done, timeout: float | None = None) -> None:
         """Ask the serving worker; ``done(result)`` or ``done(WorkerError)``, never later
@@ -342,7 +356,11 @@ class Supervisor:
         self._restart_timer = None
         self._set_state(STARTING)
         activation = self.activation
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:                 # out of fds: a failed start, not a stuck one
+            self._start_failed(f"cannot make the worker's socket: {exc}")
+            return
         keep = sorted(activation.keep_fds() | {child_end.fileno()})
         try:
             self._worker_id = self.options.acquire_id()
@@ -446,20 +464,22 @@ class Supervisor:
         if how is None:
             return                         # not quite gone yet: the fd stays readable
         self._forget_worker(worker, how)
+        pending = self._take_pending()
         state = self.state
+        unresponsive, self._unresponsive = self._unresponsive, None
+        start_error, self._start_error = self._start_error, None
         if state == STOPPING:
             self._set_state(IDLE)
             self._finish_stop()
         elif state == STARTING:
-            why, self._start_error = self._start_error or how, None
-            self._start_failed(why)
+            self._start_failed(start_error or how)
         elif state in (ACTIVE, UNRESPONSIVE):
-            if self._unresponsive is not None:
-                how = f"{self._unresponsive}: {how}"
-            self._unresponsive = None
+            if unresponsive is not None:
+                how = f"{unresponsive}: {how}"
             self.last_exit = how
             log.warning("worker %d ended: %s", worker.pid, how)
             self._schedule_restart()
+        self._fail(pending, how)
 
     def _forget_worker(self, worker: WorkerHandle, how: str) -> None:
         if self._exit_fd >= 0:
@@ -486,9 +506,18 @@ class Supervisor:
             if type(value) is int and name not in GAUGES:
                 self.counters_base[name] = self.counters_base.get(name, 0) + value
         self.counters_current = {}
-        pending, self._pending = self._pending, {}
-        for item in pending.values():
+
+    def _take_pending(self) -> list[_Pending]:
+        pending, self._pending = list(self._pending.values()), {}
+        for item in pending:
             item.timer.cancel()
+        return pending
+
+    @staticmethod
+    def _fail(pending: list[_Pending], how: str) -> None:
+        """Tell the callers of requests the worker will never answer. Called only after
+        the state says the worker is gone: a caller may at once ask for more."""
+        for item in pending:
             item.done(WorkerError(f"the worker ended ({how})"))
 
     def _schedule_restart(self) -> None:
@@ -597,7 +626,11 @@ class _Probe:
         self.worker_id: int | None = None
 
     def start(self) -> None:
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            self._finish(WorkerError(f"cannot make a socket to read the rings: {exc}"))
+            return
         keep = sorted({r.fd for r in self.activation.regions} | {child_end.fileno()})
         try:
             self.worker_id = self.options.acquire_id()

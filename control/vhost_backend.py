@@ -191,11 +191,10 @@ class VhostUserSession:
                     return
                 try:
                     reply = self._step(handler, event, conn, result)
+                    if reply is not PENDING:
+                        self.on_reply(reply)
                 except Exception as exc:     # this session's failure domain: see server
                     self.on_error(exc)
-                    return
-                if reply is not PENDING:
-                    self.on_reply(reply)
             operation(resume)
             if not outcome:
                 waiting[0] = True
@@ -329,7 +328,12 @@ class VhostUserSession:
             raise
         was_active = self.state.active
         if was_active:
-            yield from self._stop(resume=True)
+            try:
+                yield from self._stop(resume=True)
+            except BaseException:            # GeneratorExit too: the connection closed
+                for fd in sorted({r.fd for r in regions}):
+                    os.close(fd)
+                raise
         self._close_regions()
         self.state.regions = tuple(regions)
         if was_active:
@@ -377,6 +381,9 @@ class VhostUserSession:
             except WorkerError as exc:
                 log.info("handing the new call fd to the worker failed (%s): restarting it",
                          exc)
+            except BaseException:            # GeneratorExit too: the connection closed
+                os.close(event.fd)
+                raise
             else:
                 os.close(vring.call_fd)
                 vring.call_fd = event.fd

@@ -548,3 +548,93 @@ def test_set_features_while_active_is_a_named_profile_guess(tmp_path, ram, repro
             assert server.server.session.state.active is (not reprobe)
     finally:
         vhost_backend.VhostUserSession.__init__.__defaults__ = (original,)
+
+
+def test_worker_dying_while_a_call_fd_swap_waits_keeps_the_connection(tmp_path, ram):
+    """Review finding: the failed swap fell back to a stop while the supervisor still said
+    "active" with no worker; the error closed the guest's connection (fatal to a guest with
+    pages in the balloon) and broke shutdown."""
+    import socket as socket_module
+    with served_device(tmp_path, ram, proxy=ProxyOptions(jail=True)) as (server, frontend,
+                                                                          driver, _):
+        pid = _worker_pid(server)
+        os.kill(pid, signal.SIGSTOP)
+        new = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        data, fds = frontend.conn.send(vu.SetVringCall(0, new, need_reply=True))
+        socket_module.send_fds(frontend.sock, [data], list(fds))
+        wait_for(lambda: server.server.session.busy, what="the swap waiting on the worker")
+        os.kill(pid, signal.SIGKILL)
+        reply = frontend.conn.next_event()
+        while reply is vu.NEED_DATA:
+            chunk = frontend.sock.recv(65536)
+            assert chunk, "serve closed the guest's connection"
+            frontend.conn.receive_data(chunk)
+            reply = frontend.conn.next_event()
+        assert reply.ok                                   # taken by the replacement
+        os.close(driver.queues["inflate"].call_fd)
+        driver.queues["inflate"].call_fd = new
+        wait_for(lambda: server.server.device.state == "active" and _worker_pid(server) != pid,
+                 what="the replacement")
+        assert server.server.frontend is not None
+        driver.inflate(256)
+
+
+def test_connection_closed_while_a_memory_table_waits_leaks_no_fd(tmp_path, ram):
+    """Review finding: a handler suspended in SET_MEM_TABLE kept the new guest memory fd
+    open for good when the connection closed under it."""
+    from tests.driver import GuestRam
+
+    def fds(tag: str) -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                count += tag in os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                pass
+        return count
+    import socket as socket_module
+    new = GuestRam(64 * MIB, "table-probe")
+    try:
+        with served_device(tmp_path, ram, proxy=ProxyOptions(jail=True)) as (server, frontend,
+                                                                              _, _):
+            new.map[:] = ram.map[:]                       # the same rings, a new table
+            before = fds("table-probe")
+            pid = _worker_pid(server)
+            os.kill(pid, signal.SIGSTOP)
+            region = vu.MemRegion(0, new.size, 0x7F00_0000_0000, 0)
+            data, fdl = frontend.conn.send(vu.SetMemTable((region,), (new.fd,), need_reply=True))
+            socket_module.send_fds(frontend.sock, [data], list(fdl))
+            wait_for(lambda: server.server.session.busy, what="the table waiting on the worker")
+            server.server.loop.call_soon_threadsafe(
+                lambda: server.server.frontend.close("closed while busy"))
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: fds("table-probe") == before, what="the received memfd closed")
+    finally:
+        new.close()
+
+
+def test_out_of_fds_when_replacing_a_worker_is_a_failed_start_not_a_stuck_one(
+        tmp_path, ram, monkeypatch):
+    """Review finding: socketpair() failing (EMFILE) as the supervisor replaced a dead worker
+    left it "starting" for good, and every later stop waited forever."""
+    import errno
+    import socket as socket_module
+    real = socket_module.socketpair
+    failures = [0]
+
+    def flaky(*args, **kwargs):
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(*args, **kwargs)
+    with served_device(tmp_path, ram, proxy=ProxyOptions(jail=True)) as (server, frontend,
+                                                                          driver, _):
+        monkeypatch.setattr("control.supervisor.socket.socketpair", flaky)
+        pid = _worker_pid(server)
+        failures[0] = 1
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: server.server.device.state == "active" and _worker_pid(server) != pid,
+                 what="a replacement after the failed one")
+        assert "Too many open files" in server.server.device.last_exit
+        frontend.call(vu.GetVringBase(0))                 # a stop completes
+        assert server.server.device.state == "idle" and not server.server.session.busy
