@@ -131,6 +131,9 @@ class VhostUserSession:
         self._hints: set[str] = set()
         self.on_reply: Callable[[bytes | None], None] = lambda reply: None
         self.on_error: Callable[[BaseException], None] = lambda exc: None
+        # Closes a replaced backend-request socket; the server stops watching it first, so
+        # its fd number can never be reused under a stale registration.
+        self.retire_backend_req: Callable[[socket.socket], None] = lambda sock: sock.close()
         device.on_config_change = self.notify_config_change
         device.config_reads_expected = True
 
@@ -302,7 +305,7 @@ class VhostUserSession:
             os.close(event.fd)                 # not a socket: refused, and not kept
             raise
         if self.backend_req is not None:
-            self.backend_req.close()
+            self.retire_backend_req(self.backend_req)
         self.backend_out.clear()
         self.backend_req = sock
         self.backend_req.setblocking(False)

@@ -43,6 +43,7 @@ class VhostUserPeer:
         self.session = VhostUserSession(device)
         self.session.on_reply = self._on_late_reply
         self.session.on_error = self._on_session_error
+        self.session.retire_backend_req = self._retire_backend_req
         self.on_closed = on_closed
         self.out = bytearray()
         self.paused = False
@@ -152,6 +153,12 @@ class VhostUserPeer:
             self._backend_req = sock
             self.loop.watch(sock, reader=self._backend_req_readable,
                             writer=self._backend_req_writable if self.session.backend_out else None)
+
+    def _retire_backend_req(self, sock: socket.socket) -> None:
+        if sock is self._backend_req:
+            self.loop.unwatch(sock)
+            self._backend_req = None
+        sock.close()
 
     def _backend_req_writable(self) -> None:
         self.session.flush_backend_req()

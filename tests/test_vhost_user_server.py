@@ -638,3 +638,29 @@ def test_out_of_fds_when_replacing_a_worker_is_a_failed_start_not_a_stuck_one(
         assert "Too many open files" in server.server.device.last_exit
         frontend.call(vu.GetVringBase(0))                 # a stop completes
         assert server.server.device.state == "idle" and not server.server.session.busy
+
+
+def test_a_replaced_backend_channel_is_unwatched_before_it_is_closed(served):
+    """Review finding: the session closed the old backend-request socket while the loop
+    still watched it (until the end of the batch); its fd number, reused at once by a
+    worker's socket, met a stale registration."""
+    import socket as socket_module
+    server, frontend, _, options = served
+    mine, theirs = socket_module.socketpair()
+    loop = server.server.loop
+
+    def replace_and_look() -> list:
+        session = server.server.session
+        session.handle(vu.SetBackendReqFd(os.dup(theirs.fileno())), server.server.frontend.codec)
+        # Right after the request, before anything else runs in the loop:
+        return [key.fd for key in loop.selector.get_map().values()
+                if hasattr(key.fileobj, "fileno") and key.fileobj.fileno() == -1]
+    try:
+        assert loop.call_sync(replace_and_look) == []      # nothing closed is still watched
+        with ControlClient(options.control_path) as client:
+            client.request("set", size=MIB)
+        mine.settimeout(5)
+        assert mine.recv(64)                               # the notice on the new channel
+    finally:
+        mine.close()
+        theirs.close()
