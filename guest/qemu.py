@@ -38,18 +38,16 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import select
 import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from guest.console import ConsoleLog
 from guest.errors import GuestBootError, GuestError, GuestNotPrepared
-from guest.procfs import OpenFile, group_members
-from guest.shell import ConsoleShell
+from guest.procfs import OpenFile
+from guest.shell import ConsoleShell, _share
 
 # The console protocol (ready marker, balloon line, command framing) is guest/uml.py's:
 # guest/qemu_init follows guest/init line for line.
@@ -60,7 +58,6 @@ from guest.uml import (
     VIRTIO_ID_BALLOON,
     _elf_interpreter,
     _read_versions,
-    _wait_any_exit,
 )
 
 DEFAULT_QEMU_DIR = REPO_ROOT / ".cache" / "qemu"
@@ -215,13 +212,13 @@ class _Running:
 
 
 class QemuGuest(ConsoleShell):
-    WHO = "QEMU"
-
     """One QEMU guest with a shell on its serial console.
 
     Not thread-safe: drive a guest from one thread. See the module docstring for
     the lifecycle.
     """
+
+    WHO = "QEMU"
 
     def __init__(self, config: QemuConfig | None = None, image: QemuImage | None = None) -> None:
         self.config = config if config is not None else QemuConfig()
@@ -235,20 +232,6 @@ class QemuGuest(ConsoleShell):
         self._final_stderr = ""
 
     # -- lifecycle ---------------------------------------------------------------
-
-    def __enter__(self) -> QemuGuest:
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         """Starts QEMU. Returns at once; call :meth:`wait_ready` next.
@@ -389,52 +372,7 @@ class QemuGuest(ConsoleShell):
         self._run = None
         self._ready_at = None
 
-    @staticmethod
-    def _exited(run: _Running, timeout: float) -> bool:
-        """Waits up to ``timeout`` s for QEMU to exit, without reaping it."""
-        poller = select.poll()
-        poller.register(run.pidfd, select.POLLIN)
-        return bool(poller.poll(max(timeout, 0.0) * 1000))
-
-    @staticmethod
-    def _wait_group_gone(run: _Running, deadline: float) -> None:
-        # QEMU starts no helper processes with this command line, but extra_args
-        # could add some; a SIGKILLed one is re-parented to init and exits a moment later.
-        while True:
-            left = group_members(run.proc.pid)
-            if not left:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise GuestError(f"QEMU processes {left} still alive after stop()")
-            _wait_any_exit(left, remaining)
-
     # -- state -------------------------------------------------------------------
-
-    @property
-    def pid(self) -> int | None:
-        """The QEMU process id while started, else None."""
-        return self._run.proc.pid if self._run is not None else None
-
-    @property
-    def running(self) -> bool:
-        """True between start() and stop() while QEMU has not exited."""
-        return self._run is not None and self._run.proc.poll() is None
-
-    @property
-    def boot_seconds(self) -> float | None:
-        """Seconds from exec to the ready marker, once ready."""
-        return self._boot_seconds
-
-    @property
-    def balloon_state(self) -> str | None:
-        """What init reported for virtio_balloon: "loaded", "builtin", "absent" or "insmod-failed rc=N"."""
-        return self._balloon_state
-
-    @property
-    def image(self) -> QemuImage | None:
-        """The image booted (set by start())."""
-        return self._image
 
     def qemu_log(self, tail: int = 64 * 1024) -> str:
         """The last ``tail`` bytes of QEMU's own stderr, including after stop()."""
@@ -487,21 +425,6 @@ class QemuGuest(ConsoleShell):
 
     # -- helpers -----------------------------------------------------------------
 
-    def _require_started(self) -> _Running:
-        if self._run is None:
-            raise GuestError("guest not started")
-        return self._run
-
-    def _require_ready(self) -> _Running:
-        run = self._require_started()
-        if self._ready_at is None:
-            raise GuestError("guest not ready: call wait_ready() first")
-        return run
-
-
-def _share(deadline: float, fraction: float) -> float:
-    """Seconds to wait: ``fraction`` of the time left before ``deadline``."""
-    return max(deadline - time.monotonic(), 0.0) * fraction
 
 
 # ---------------------------------------------------------------------------

@@ -5,9 +5,10 @@ ready marker the console is a shell with no echo, no prompt and no CR/LF transla
 command is framed by two markers carrying a random token (``_command_line``), so its output
 and exit status are found in the console log whatever else the guest prints.
 
-``ConsoleShell`` needs from its subclass: ``_run`` (the running guest: ``console``, a
-``ConsoleLog``; ``proc``; ``stdin_fd``) or ``_final_console`` once stopped, ``_fills``, and
-``_require_ready()``; ``WHO`` names the process in errors.
+``ConsoleShell`` needs from its subclass: ``start``, ``wait_ready`` and ``stop``; ``_run``
+(the running guest: ``console``, a ``ConsoleLog``; ``proc``; ``pidfd``; ``stdin_fd``) or
+``_final_console`` once stopped; ``_fills``, ``_image``, ``_ready_at``, ``_boot_seconds``
+and ``_balloon_state``; ``WHO`` names the process in errors.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import select
 import shlex
 import time
 
+from types import TracebackType
+
 from guest.errors import GuestCommandError, GuestError
+from guest.procfs import group_members
 
 FILL_PREFIX = "/tmp/vballoon-fill"
 # The console is a tty in canonical mode: a line longer than its 4095-byte buffer would be
@@ -29,9 +33,80 @@ MAX_COMMAND_LINE = 3500
 
 
 class ConsoleShell:
-    """Commands, memory filling and console output of a booted guest (see the module)."""
+    """Commands, memory filling and console output of a booted guest, and the parts of its
+    process's lifecycle both guests share (see the module)."""
 
     WHO = "the guest"
+
+    def __enter__(self):
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    # -- the process -----------------------------------------------------------------
+
+    @staticmethod
+    def _exited(run, timeout: float) -> bool:
+        """Waits up to ``timeout`` s for the guest's process to exit, without reaping it."""
+        poller = select.poll()
+        poller.register(run.pidfd, select.POLLIN)
+        return bool(poller.poll(max(timeout, 0.0) * 1000))
+
+    def _wait_group_gone(self, run, deadline: float) -> None:
+        # A helper SIGKILLed with the guest is re-parented to init and exits a moment
+        # later; a pidfd per straggler turns that exit into an event to wait on.
+        while True:
+            left = group_members(run.proc.pid)
+            if not left:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GuestError(f"{self.WHO} processes {left} still alive after stop()")
+            _wait_any_exit(left, remaining)
+
+    @property
+    def pid(self) -> int | None:
+        """The guest's main process id while started, else None."""
+        return self._run.proc.pid if self._run is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True between start() and stop() while the guest's process has not exited."""
+        return self._run is not None and self._run.proc.poll() is None
+
+    @property
+    def boot_seconds(self) -> float | None:
+        """Seconds from exec to the ready marker, once ready."""
+        return self._boot_seconds
+
+    @property
+    def balloon_state(self) -> str | None:
+        """What init reported for virtio_balloon: "loaded", "builtin", "absent" or "insmod-failed rc=N"."""
+        return self._balloon_state
+
+    @property
+    def image(self):
+        """The image booted (set by start())."""
+        return self._image
+
+    def _require_started(self):
+        if self._run is None:
+            raise GuestError("guest not started")
+        return self._run
+
+    def _require_ready(self):
+        run = self._require_started()
+        if self._ready_at is None:
+            raise GuestError("guest not ready: call wait_ready() first")
+        return run
 
     def console_log(self, tail: int = 64 * 1024) -> str:
         """The last ``tail`` bytes of the console, including after stop()."""
@@ -165,3 +240,26 @@ def _command_line(command: str, token: str) -> bytes:
     if max(len(part) for part in data.split(b"\n")) > MAX_COMMAND_LINE:
         raise ValueError(f"guest command line longer than {MAX_COMMAND_LINE} bytes")
     return data
+
+
+def _wait_any_exit(pids: list[int], timeout: float) -> None:
+    """Returns when one of ``pids`` has exited (or is already gone), or after ``timeout`` s."""
+    fds = []
+    try:
+        for pid in pids:
+            try:
+                fds.append(os.pidfd_open(pid))
+            except ProcessLookupError:  # gone between the scan and now
+                return
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        poller.poll(timeout * 1000)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _share(deadline: float, fraction: float) -> float:
+    """Seconds to wait: ``fraction`` of the time left before ``deadline``."""
+    return max(deadline - time.monotonic(), 0.0) * fraction

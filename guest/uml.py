@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import select
 import shutil
 import signal
 import subprocess
@@ -40,12 +39,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from guest.console import ConsoleLog
 from guest.errors import GuestBootError, GuestError, GuestNotPrepared
-from guest.shell import ConsoleShell
-from guest.procfs import OpenFile, deleted_files_under, group_members
+from guest.shell import ConsoleShell, _share
+from guest.procfs import OpenFile, deleted_files_under
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE_DIR = REPO_ROOT / ".cache" / "guest"
@@ -210,6 +208,8 @@ class UmlGuest(ConsoleShell):
     the lifecycle.
     """
 
+    WHO = "UML"
+
     def __init__(self, config: GuestConfig | None = None, image: GuestImage | None = None) -> None:
         self.config = config if config is not None else GuestConfig()
         self._image = image
@@ -221,20 +221,6 @@ class UmlGuest(ConsoleShell):
         self._final_console = ""
 
     # -- lifecycle ---------------------------------------------------------------
-
-    def __enter__(self) -> UmlGuest:
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         """Starts UML. Returns at once; call :meth:`wait_ready` next.
@@ -376,13 +362,6 @@ class UmlGuest(ConsoleShell):
         _remove_tree(run.run_dir)
 
     @staticmethod
-    def _exited(run: _Running, timeout: float) -> bool:
-        """Waits up to ``timeout`` s for the UML process to exit, without reaping it."""
-        poller = select.poll()
-        poller.register(run.pidfd, select.POLLIN)
-        return bool(poller.poll(max(timeout, 0.0) * 1000))
-
-    @staticmethod
     def _signal_leader(run: _Running, sig: signal.Signals) -> None:
         # ProcessLookupError is defensive: we reap the leader only after signalling.
         with contextlib.suppress(ProcessLookupError):
@@ -393,50 +372,12 @@ class UmlGuest(ConsoleShell):
         with contextlib.suppress(ProcessLookupError):  # the group is already empty
             os.killpg(run.proc.pid, sig)
 
-    @staticmethod
-    def _wait_group_gone(run: _Running, deadline: float) -> None:
-        # A helper SIGKILLed with UML is re-parented to init and exits a moment
-        # later; a pidfd per straggler turns that exit into an event to wait on.
-        while True:
-            left = group_members(run.proc.pid)
-            if not left:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise GuestError(f"UML processes {left} still alive after stop()")
-            _wait_any_exit(left, remaining)
-
     # -- state -------------------------------------------------------------------
-
-    @property
-    def pid(self) -> int | None:
-        """The main UML process id while started, else None."""
-        return self._run.proc.pid if self._run is not None else None
-
-    @property
-    def running(self) -> bool:
-        """True between start() and stop() while the UML process has not exited."""
-        return self._run is not None and self._run.proc.poll() is None
 
     @property
     def run_dir(self) -> str | None:
         """The per-guest directory (uml_dir and $TMPDIR) while started."""
         return self._run.run_dir if self._run is not None else None
-
-    @property
-    def boot_seconds(self) -> float | None:
-        """Seconds from exec to the ready marker, once ready."""
-        return self._boot_seconds
-
-    @property
-    def balloon_state(self) -> str | None:
-        """What init reported for virtio_balloon: "loaded", "builtin", "absent" or "insmod-failed rc=N"."""
-        return self._balloon_state
-
-    @property
-    def image(self) -> GuestImage | None:
-        """The image booted (set by start())."""
-        return self._image
 
     def ram_files(self) -> list[OpenFile]:
         """The guest RAM file(s) UML holds open, largest first.
@@ -462,34 +403,6 @@ class UmlGuest(ConsoleShell):
 
     # -- helpers -----------------------------------------------------------------
 
-    def _require_started(self) -> _Running:
-        if self._run is None:
-            raise GuestError("guest not started")
-        return self._run
-
-    def _require_ready(self) -> _Running:
-        run = self._require_started()
-        if self._ready_at is None:
-            raise GuestError("guest not ready: call wait_ready() first")
-        return run
-
-
-def _wait_any_exit(pids: list[int], timeout: float) -> None:
-    """Returns when one of ``pids`` has exited (or is already gone), or after ``timeout`` s."""
-    fds = []
-    try:
-        for pid in pids:
-            try:
-                fds.append(os.pidfd_open(pid))
-            except ProcessLookupError:  # gone between the scan and now
-                return
-        poller = select.poll()
-        for fd in fds:
-            poller.register(fd, select.POLLIN)
-        poller.poll(timeout * 1000)
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
 def _remove_tree(path: str) -> None:
@@ -508,11 +421,6 @@ def _remove_tree(path: str) -> None:
         except OSError as exc:
             raise GuestError(f"cannot remove the guest run directory {path}: {exc}") from exc
     raise GuestError(f"cannot remove the guest run directory {path}: entries keep vanishing")
-
-
-def _share(deadline: float, fraction: float) -> float:
-    """Seconds to wait: ``fraction`` of the time left before ``deadline``."""
-    return max(deadline - time.monotonic(), 0.0) * fraction
 
 
 # ---------------------------------------------------------------------------
