@@ -380,13 +380,11 @@ class Supervisor:
         self.loop.watch(self._exit_fd, reader=self._on_exit)
         carry, self._carry = self._carry, False
         try:
-            message = activation.activate_message(resume, carry)
-            encode(message)                # checked here: a bad activation fails the start
-        except ProtocolError as exc:
+            self._request(activation.activate_message(resume, carry),
+                          lambda result: self._on_activated(worker, result), None)
+        except ProtocolError as exc:       # a bad activation fails the start
             self._start_error = f"cannot describe the activation: {exc}"
             self._kill()
-            return
-        self._request(message, lambda result: self._on_activated(worker, result), None)
 
     def _on_activated(self, worker: WorkerHandle, result: Any) -> None:
         if self.state != STARTING or self.worker is not worker:
@@ -544,15 +542,15 @@ class Supervisor:
                  fds: tuple[int, ...] = ()) -> None:
         ident = self._next_id
         self._next_id += 1
-        kind = message.TYPE
+        data = encode(message, ident)      # raises ProtocolError before anything is pending
         timer = self.loop.call_later(self.options.request_timeout if timeout is None else timeout,
                                      lambda: self._on_timeout(ident))
-        self._pending[ident] = _Pending(kind, done, timer)
-        if not self._channel.send(encode(message, ident), fds):
+        self._pending[ident] = _Pending(message.TYPE, done, timer)
+        if not self._channel.send(data, fds):
             pending = self._pending.pop(ident, None)
             if pending is not None:
                 timer.cancel()
-                done(WorkerError(f"cannot send {kind!r} to the worker"))
+                done(WorkerError(f"cannot send {message.TYPE!r} to the worker"))
 
     def _on_timeout(self, ident: int) -> None:
         pending = self._pending.pop(ident, None)
