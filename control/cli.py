@@ -78,9 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--seccomp", choices=("kill", "log"), default="kill",
                        help="kill the worker on a denied syscall, or log it (policy writing)")
     serve.add_argument("--worker-ids", type=_id_range, default=None, metavar="FIRST-LAST",
-                       help="as root: the uid/gid range each jailed worker gets an id of its "
-                            "own from, one no other process uses (default "
-                            "2113929216-2113994751, 0x7E000000-0x7E00FFFF)")
+                       help="the uid/gid range each jailed worker gets an id of its own "
+                            "from, one no other process uses (as root, default "
+                            "2113929216-2113994751, 0x7E000000-0x7E00FFFF; unprivileged, "
+                            "narrows your subordinate ids in /etc/subuid and /etc/subgid)")
     serve.add_argument("--no-jail", action="store_true",
                        help="DEBUG ONLY: run the worker unjailed, as a thread")
     serve.add_argument("--log-level", default="info",
@@ -137,7 +138,7 @@ def _serve(args: argparse.Namespace) -> int:
                                free_page_reporting=args.free_page_reporting,
                                stats_interval=args.stats_interval),
         proxy=ProxyOptions(jail=not args.no_jail, seccomp_mode=args.seccomp,
-                           **({"worker_ids": args.worker_ids} if args.worker_ids else {})))
+                           worker_ids=args.worker_ids))
     try:
         serve(options)
     except RequestError as exc:

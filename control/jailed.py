@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 
 from control.errors import WorkerError
@@ -93,12 +94,15 @@ def spawn_jailed_worker(command_fd: int, keep_fds: list[int], policy_path: Path,
                         seccomp_mode: str, run_as: int | None = None) -> JailedWorker:
     """Fork a jailed worker serving ``command_fd``; raises ``WorkerError`` if the jail fails.
 
-    ``run_as``: the uid (and gid) it runs as when we are root (``control.worker_ids``);
-    None: nobody."""
+    ``run_as``: the uid (and gid) it runs as (``control.worker_ids``): switched to as root,
+    mapped into its user namespace (subordinate ids) otherwise; None: nobody as root, our
+    own uid otherwise."""
+    root = os.geteuid() == 0
     try:
         config = JailConfig(keep_fds=keep_fds, name=WORKER_NAME,
                             seccomp=load_policy(policy_path), seccomp_mode=seccomp_mode,
-                            run_as=NOBODY if run_as is None else (run_as, run_as),
+                            run_as=NOBODY if run_as is None or not root else (run_as, run_as),
+                            map_ids=None if run_as is None or root else (run_as, run_as),
                             limits=worker_limits())
         return JailedWorker(spawn(lambda: run_worker(command_fd), config))
     except (JailError, ValueError) as exc:      # ValueError: an inconsistent JailConfig

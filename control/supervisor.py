@@ -68,13 +68,18 @@ class ProxyOptions:
     restart_window: float = 30.0
     request_timeout: float = 5.0      # a worker silent this long is unresponsive
     kill_grace: float = 1.0           # seconds a graceful stop may take before SIGKILL
-    worker_ids: tuple[int, int] = worker_ids.DEFAULT_WORKER_IDS   # one uid/gid per worker
+    worker_ids: tuple[int, int] | None = None   # where each worker's own uid/gid comes from
 
     def acquire_id(self) -> int | None:
-        """A uid of its own for the next jailed worker, when we are root; else None."""
-        if not self.jail or os.geteuid() != 0:
+        """A uid of its own for the next jailed worker: from ``worker_ids`` (default
+        ``DEFAULT_WORKER_IDS``) as root; unprivileged, from our subordinate ids (narrowed by
+        ``worker_ids``), or None when we have none (the worker then maps our own uid)."""
+        if not self.jail:
             return None
-        return worker_ids.acquire(self.worker_ids)
+        if os.geteuid() == 0:
+            return worker_ids.acquire([self.worker_ids or worker_ids.DEFAULT_WORKER_IDS])
+        ranges = worker_ids.unprivileged_ranges(self.worker_ids)
+        return worker_ids.acquire(ranges) if ranges else None
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import resource
 import select
 import signal
 import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, NoReturn
@@ -57,6 +58,8 @@ NAMESPACE_FLAGS = (
     syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWPID | syscalls.CLONE_NEWNET
 )
 EMPTY_ROOT_OPTIONS = "size=4k,nr_inodes=2,mode=0555"
+MAP_WAIT = 30.0
+"""Seconds the reaper waits for the parent to map its user namespace."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,10 @@ class ChildPlan:
     namespaces: bool
     user_namespace: bool
     host_ids: tuple[int, int]
-    """(uid, gid) mapped to root inside the user namespace."""
+    """(uid, gid) mapped to root inside the user namespace (by the child itself)."""
+    map_ids: tuple[int, int] | None
+    """(uid, gid) the parent maps root inside the user namespace to instead; the
+    child then becomes them."""
     run_as: tuple[int, int] | None
     """(uid, gid) to switch to outside a user namespace, when root."""
     mount_point: str
@@ -161,7 +167,7 @@ def _reaper(plan: ChildPlan, channel_fd: int, target: Callable[[], object], exit
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=plan.fds.channel)
             sock.settimeout(None)
         if plan.namespaces:
-            _enter_namespaces(plan)
+            _enter_namespaces(plan, sock)
         _drop_privileges(plan)
         # Changing uid cleared the parent-death signal; set it again, last.
         if not _still_wanted(plan):
@@ -206,7 +212,7 @@ def _write_proc(path: str, text: str) -> None:
         os.close(fd)
 
 
-def _enter_namespaces(plan: ChildPlan) -> None:
+def _enter_namespaces(plan: ChildPlan, sock: socket.socket) -> None:
     flags = NAMESPACE_FLAGS | (syscalls.CLONE_NEWUSER if plan.user_namespace else 0)
     with step("namespaces"):
         if plan.user_namespace:
@@ -214,7 +220,10 @@ def _enter_namespaces(plan: ChildPlan) -> None:
             # (e.g. it changed uid): make them ours to write.
             prctl.set_dumpable(True)
         syscalls.unshare(flags)
-    if plan.user_namespace:
+    if plan.user_namespace and plan.map_ids is not None:
+        with step("user-namespace"):
+            _mapped_by_parent(sock)
+    elif plan.user_namespace:
         with step("user-namespace"):
             uid, gid = plan.host_ids
             _write_proc("/proc/self/setgroups", "deny")
@@ -222,6 +231,20 @@ def _enter_namespaces(plan: ChildPlan) -> None:
             _write_proc("/proc/self/gid_map", f"0 {gid} 1")
     with step("mount"):
         _pivot_to_empty_root(plan.mount_point)
+
+
+def _mapped_by_parent(sock: socket.socket) -> None:
+    """Have the parent map root here to its chosen host ids, then become them: no
+    supplementary group of the caller's, root's gid and uid (host: the mapped ids)."""
+    channel.send(sock, channel.encode_userns())
+    # The parent answers within its own set-up deadline or kills us; this bound is a
+    # second line only (a parent that stopped running).
+    reply = channel.receive(sock, time.monotonic() + MAP_WAIT)
+    if reply is None or reply.kind != "mapped":
+        raise JailSetupError("user-namespace", errno.EPROTO, "the parent did not map the user namespace")
+    os.setgroups([])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
 
 
 def _pivot_to_empty_root(mount_point: str) -> None:

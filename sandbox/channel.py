@@ -1,8 +1,11 @@
 """The set-up channel: how the forked processes tell the parent how jailing went.
 
 A SOCK_SEQPACKET socketpair (message boundaries kept, fds passed with
-SCM_RIGHTS). Three messages, each a msgpack array of at most MAX_MESSAGE bytes:
+SCM_RIGHTS). Messages, each a msgpack array of at most MAX_MESSAGE bytes:
 
+    ["userns"]                          from the reaper, when the parent maps its user
+                                        namespace (subordinate ids); it then waits for
+    ["mapped"]                          from the parent, the maps written
     ["pid", host_pid]                   from the reaper, with a pidfd of the worker
     ["ready"]                           from the worker, jailed; in log mode with
                                         the seccomp listener fd
@@ -46,6 +49,14 @@ def encode_ready() -> bytes:
     return msgpack.packb(["ready"])
 
 
+def encode_userns() -> bytes:
+    return msgpack.packb(["userns"])
+
+
+def encode_mapped() -> bytes:
+    return msgpack.packb(["mapped"])
+
+
 def encode_error(step: str, err: int, detail: str) -> bytes:
     return msgpack.packb(["error", step, err, detail[:MAX_DETAIL]])
 
@@ -56,7 +67,7 @@ def send(sock: socket.socket, payload: bytes, fds: tuple[int, ...] = ()) -> None
     sock.sendmsg([payload], ancillary)
 
 
-_SHAPES = {"pid": (int,), "ready": (), "error": (str, int, str)}
+_SHAPES = {"pid": (int,), "ready": (), "error": (str, int, str), "userns": (), "mapped": ()}
 
 
 def _protocol_error(detail: str, fds: list[int]) -> JailSetupError:

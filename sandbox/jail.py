@@ -14,7 +14,8 @@ When `spawn` returns, the process running the callable (host pid `child.pid`):
   when the caller is not root), with an empty read-only tmpfs as its root: no
   host file is visible;
 - has no capabilities in any set, locked securebits, no_new_privs, and as root
-  outside a user namespace runs as `run_as` (nobody by default);
+  outside a user namespace runs as `run_as` (nobody by default); in a user
+  namespace, as the caller's ids or, with `map_ids`, as those (mapped by the parent);
 - has RLIMIT_NOFILE just above its fds (plus `nofile_headroom`), and
   RLIMIT_CORE/FSIZE/NPROC 0;
 - is named `config.name`, dies with SIGKILL when the spawning thread's process
@@ -51,7 +52,7 @@ from typing import Callable, Literal, Mapping, Sequence, cast
 
 import pyseccomp
 
-from sandbox import _child, channel
+from sandbox import _child, channel, idmap
 from sandbox.errors import JailSetupError, WaitTimeout
 from sandbox.fds import FdPlan, normalise_keep, plan_fds, target_map
 from sandbox.notify import DenialLog
@@ -98,6 +99,11 @@ class JailConfig:
     - user_namespace: None = only when not root; True/False to force.
     - run_as: (uid, gid) to become when root without a user namespace; None stays
       uid 0 (still without any capability).
+    - map_ids: (uid, gid) on the host that root inside the user namespace maps to,
+      written by the parent (as root itself, else with newuidmap/newgidmap from the
+      caller's subordinate ids in /etc/subuid and /etc/subgid); the child then runs
+      as them. None maps the caller's own ids (all an unprivileged process may map
+      without help).
     - dumpable: False makes the worker non-dumpable (no core dump can leak guest
       memory; /proc/<pid> files other than status/stat become root's).
     """
@@ -111,6 +117,7 @@ class JailConfig:
     renumber: None | int | Mapping[int, int] = None
     limits: Limits = field(default_factory=Limits)
     run_as: tuple[int, int] | None = NOBODY
+    map_ids: tuple[int, int] | None = None
     dumpable: bool = False
     setup_timeout: float = 5.0
 
@@ -125,6 +132,8 @@ class JailConfig:
             raise ValueError(f"seccomp_mode {self.seccomp_mode!r} needs a policy; use 'off' for none")
         if self.user_namespace and not self.namespaces:
             raise ValueError("a user namespace needs namespaces=True")
+        if self.map_ids is not None and not self.uses_user_namespace():
+            raise ValueError("map_ids needs a user namespace (user_namespace=True, or not root)")
         if self.setup_timeout <= 0:
             raise ValueError("setup_timeout must be positive")
         self.fd_plan()  # validates renumber and the limits
@@ -317,7 +326,7 @@ def _fork(
 
 def _handshake(sock: socket.socket, reaper: int, reaper_pidfd: int, plan: _child.ChildPlan, config: JailConfig) -> JailedChild:
     deadline = time.monotonic() + config.setup_timeout
-    worker_pid, worker_pidfd, listener, ready = 0, -1, -1, False
+    worker_pid, worker_pidfd, listener, ready, mapped = 0, -1, -1, False, False
     succeeded = False
     try:
         while not (ready and worker_pid):
@@ -328,7 +337,12 @@ def _handshake(sock: socket.socket, reaper: int, reaper_pidfd: int, plan: _child
                 _close_all(message.fds)
                 step, err, detail = cast("tuple[str, int, str]", message.fields)
                 raise JailSetupError(step, err, detail)
-            if message.kind == "pid" and not worker_pid and len(message.fds) == 1:
+            if message.kind == "userns" and plan.map_ids is not None and not mapped and not message.fds:
+                uid, gid = plan.map_ids
+                idmap.write_maps(reaper, uid, gid, deadline - time.monotonic())
+                channel.send(sock, channel.encode_mapped())
+                mapped = True
+            elif message.kind == "pid" and not worker_pid and len(message.fds) == 1:
                 worker_pid, worker_pidfd = cast(int, message.fields[0]), message.fds[0]
             elif message.kind == "ready" and not ready and len(message.fds) == int(plan.log_mode):
                 ready = True
@@ -411,6 +425,7 @@ def _make_plan(config: JailConfig) -> _child.ChildPlan:
         namespaces=config.namespaces,
         user_namespace=user_ns,
         host_ids=(os.geteuid(), os.getegid()),
+        map_ids=config.map_ids if user_ns else None,
         run_as=config.run_as,
         mount_point=next((p for p in MOUNT_POINTS if os.path.isdir(p)), "/tmp"),
         name=config.name,

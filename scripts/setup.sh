@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(libcap-dev libseccomp2 busybox-static cpio patchelf)
+debs=(libcap-dev libseccomp2 busybox-static cpio patchelf uidmap)
 missing=()
 for d in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$d" 2>/dev/null | grep -q "install ok installed" || missing+=("$d")

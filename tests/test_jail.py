@@ -662,6 +662,59 @@ def test_namespaces_without_privilege_fail_at_the_namespaces_step() -> None:
     run_as_nobody(body)
 
 
+def test_the_parent_maps_the_user_namespace_to_the_ids_asked_for() -> None:
+    """map_ids: the child (reaper and worker) runs as host ids other than the caller's,
+    with no supplementary group and no capability (as root the parent writes the maps)."""
+    if not running_as_root():
+        pytest.skip("as root the parent writes the maps itself; unprivileged: test_worker_ids.py")
+    ident = 0x7E00_7777
+    hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
+    config = JailConfig(keep_fds=[hold_r], renumber=3, seccomp=BALLOON, user_namespace=True,
+                        map_ids=(ident, ident), dumpable=True)
+    try:
+        with jailed(wait_for_read(3), config) as child:
+            statuses = [proc_status(child.pid), proc_status(child.reaper_pid)]
+            os.write(hold_w, b"x")
+            assert child.wait(DEADLINE).describe() == "exited with code 0"
+    finally:
+        os.close(hold_r)
+        os.close(hold_w)
+    for status in statuses:
+        assert status["Uid"].split() == [str(ident)] * 4
+        assert status["Gid"].split() == [str(ident)] * 4
+        assert status["Groups"].strip() == ""
+        assert int(status["CapEff"], 16) == 0
+
+
+def test_ids_the_caller_may_not_map_are_a_setup_error_and_nothing_is_left() -> None:
+    """Unprivileged without those ids in /etc/subuid: newuidmap refuses; spawn says so."""
+    if not running_as_root():
+        pytest.skip("needs root to become uid 65534")
+    from sandbox import idmap
+    if not idmap.helpers_available():
+        pytest.skip("newuidmap/newgidmap missing (Debian package uidmap)")
+
+    def body() -> None:
+        before = set(os.listdir("/proc"))
+        with pytest.raises(JailSetupError) as info:
+            spawn(lambda: None, JailConfig(seccomp_mode="off", map_ids=(0x7E00_7778, 0x7E00_7778)))
+        assert info.value.step == "user-namespace"
+        assert "newuidmap" in str(info.value)
+        with pytest.raises(ChildProcessError):
+            os.waitpid(-1, os.WNOHANG)                 # every child reaped
+        assert not any(pid.isdigit() and pid not in before and _is_ours(pid) for pid in os.listdir("/proc"))
+
+    run_as_nobody(body)
+
+
+def _is_ours(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.split()[1:2] == [str(os.getpid())] for line in f if line.startswith("PPid:"))
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -672,6 +725,7 @@ def test_namespaces_without_privilege_fail_at_the_namespaces_step() -> None:
         {"keep_fds": [3, 4], "renumber": {3: 5}},
         {"keep_fds": [3, 4], "renumber": {3: 5, 4: 5}},
         {"namespaces": False, "user_namespace": True},
+        {"user_namespace": False, "map_ids": (70000, 70000)},
         {"setup_timeout": 0},
     ],
 )

@@ -4,10 +4,15 @@ signal it."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import tempfile
 
 import pytest
+
+from control import worker_ids
+from sandbox import idmap
 
 from control.errors import WorkerError
 from control.proxy import ProxyBalloon, ProxyOptions
@@ -159,3 +164,106 @@ def test_bad_id_ranges_are_refused(text):
 
 def test_id_range_parses():
     assert parse_range("0x7E000000-0x7E00FFFF") == DEFAULT_WORKER_IDS
+
+
+# ---------------------------------------------------------------------------
+# Unprivileged: subordinate ids (/etc/subuid, /etc/subgid) mapped by newuidmap.
+# ---------------------------------------------------------------------------
+
+MS_BIND = 0x1000
+SUB_FIRST, SUB_COUNT = DEFAULT_WORKER_IDS[0] + 0x8000, 64
+
+
+def _as_nobody_with_subordinate_ids(lines: str, body) -> None:
+    """Run ``body`` as uid 65534 in a forked helper whose private mount namespace shows
+    ``lines`` as /etc/subuid and /etc/subgid (the host's files are not touched)."""
+    import prctl
+
+    from sandbox import syscalls
+    from tests.jail_helpers import run_in_fork
+
+    def helper():
+        syscalls.unshare(syscalls.CLONE_NEWNS)
+        syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE, None)
+        for name in ("subuid", "subgid"):
+            fd, path = tempfile.mkstemp(prefix=f"vb-{name}-")
+            os.write(fd, lines.encode())
+            os.close(fd)
+            os.chmod(path, 0o644)
+            syscalls.mount(path, f"/etc/{name}", None, MS_BIND, None)
+        os.setgroups([])
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)
+        prctl.set_dumpable(True)                # as any unprivileged user's process is
+        worker_ids._warned.clear()
+        body()
+    run_in_fork(helper)
+
+
+def _groups(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line for line in f if line.startswith("Groups:")).split(":", 1)[1].strip()
+
+
+@pytest.mark.skipif(not idmap.helpers_available(), reason="newuidmap/newgidmap missing (Debian uidmap)")
+def test_unprivileged_workers_run_as_subordinate_ids_of_their_own(devices):
+    """Before, an unprivileged serve's workers all ran as serve's own uid (here 65534)."""
+    def body():
+        first, second = _activate(devices), _activate(devices)
+        seen = []
+        for proxy in (first, second):
+            uids, gids = _ids(proxy.worker.pid)
+            assert len(uids) == 1 and uids == gids
+            (uid,) = uids
+            assert SUB_FIRST <= uid < SUB_FIRST + SUB_COUNT, uid
+            assert _ids(proxy.worker.child.reaper_pid) == (uids, gids)
+            assert _groups(proxy.worker.pid) == ""        # none of the caller's groups
+            seen.append(uid)
+        assert seen[0] != seen[1]
+        # The parent (which owns the namespace) can still kill and replace it.
+        old = first.worker.pid
+        os.kill(old, signal.SIGKILL)
+        from tests.driver import wait_for
+        wait_for(lambda: first.worker is not None and first.worker.pid != old and first.state == "active",
+                 what="a replacement worker")
+        assert SUB_FIRST <= min(_ids(first.worker.pid)[0]) < SUB_FIRST + SUB_COUNT
+    _as_nobody_with_subordinate_ids(f"nobody:{SUB_FIRST}:{SUB_COUNT}\n", body)
+
+
+@pytest.mark.skipif(not idmap.helpers_available(), reason="newuidmap/newgidmap missing (Debian uidmap)")
+def test_worker_ids_narrows_the_subordinate_ids_and_no_subordinate_ids_falls_back_with_a_warning(devices):
+    def body():
+        proxy = _activate(devices, worker_ids=(SUB_FIRST + 5, SUB_FIRST + 5))
+        assert _ids(proxy.worker.pid)[0] == {SUB_FIRST + 5}
+        # A range outside the delegation: the worker maps our own uid, and the log says why.
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger("vballoon.worker_ids").addHandler(handler)
+        proxy = _activate(devices, worker_ids=(SUB_FIRST - 10, SUB_FIRST - 1))
+        assert _ids(proxy.worker.pid)[0] == {65534}
+        assert any("no ids in both /etc/subuid and /etc/subgid" in r.getMessage() for r in records)
+    _as_nobody_with_subordinate_ids(f"65534:{SUB_FIRST}:{SUB_COUNT}\n", body)   # by number
+
+
+def test_subordinate_ranges_are_read_by_name_or_number_and_intersected(tmp_path):
+    subuid, subgid = tmp_path / "subuid", tmp_path / "subgid"
+    subuid.write_text("nobody:100000:65536\n# comment\nother:1:5\n65534:300000:10\nnobody:bad:1\n"
+                      "nobody:400000:0\n")
+    subgid.write_text("nobody:120000:65536\n65534:300005:100\n")
+    assert worker_ids.subordinate_ranges(65534, str(subuid), str(subgid)) == [
+        (120000, 165535), (300005, 300009)]
+    assert worker_ids.subordinate_ranges(65534, str(tmp_path / "missing"), str(subgid)) == []
+
+
+def test_acquire_spans_several_ranges_and_skips_held_ids():
+    got = {worker_ids.acquire([(DEFAULT_WORKER_IDS[0] + 100, DEFAULT_WORKER_IDS[0] + 101),
+                               (DEFAULT_WORKER_IDS[0] + 200, DEFAULT_WORKER_IDS[0] + 200)])
+           for _ in range(3)}
+    try:
+        assert got == {DEFAULT_WORKER_IDS[0] + 100, DEFAULT_WORKER_IDS[0] + 101, DEFAULT_WORKER_IDS[0] + 200}
+        with pytest.raises(OSError, match="in use"):
+            worker_ids.acquire([(DEFAULT_WORKER_IDS[0] + 100, DEFAULT_WORKER_IDS[0] + 101)])
+    finally:
+        for ident in got:
+            worker_ids.release(ident)
