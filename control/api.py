@@ -27,6 +27,7 @@ class Counters:
     pending_pages: int = 0
     skipped_pages: int = 0
     reported_bytes: int = 0
+    report_skipped_bytes: int = 0
     stats_updates: int = 0
     bad_buffers: int = 0
     suppressed_errors: int = 0
@@ -56,6 +57,8 @@ class Status:
     last_worker_exit: str | None
     seccomp_denials: dict[str, int] | None
     counters: Counters = field(default_factory=Counters)
+    poison_val: int | None = None    # the guest's page poison value (PAGE_POISON), once written
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="let the guest take pages back under memory pressure")
     serve.add_argument("--free-page-reporting", action="store_true",
                        help="release pages the guest reports free")
+    serve.add_argument("--no-page-poison", action="store_true",
+                       help="with --free-page-reporting, do not offer PAGE_POISON (guests "
+                            "booted with init_on_free=1 or page_poison=1 then turn "
+                            "reporting off)")
     serve.add_argument("--no-stats", action="store_true", help="do not offer the stats queue")
     serve.add_argument("--stats-interval", type=float, default=0.0, metavar="SECONDS",
                        help="ask the guest for fresh stats this often (0: only on request)")
@@ -136,6 +140,7 @@ def _serve(args: argparse.Namespace) -> int:
         socket_path=args.socket, control_path=args.control,
         balloon=BalloonOptions(stats=not args.no_stats, deflate_on_oom=args.deflate_on_oom,
                                free_page_reporting=args.free_page_reporting,
+                               page_poison=not args.no_page_poison,
                                stats_interval=args.stats_interval),
         proxy=ProxyOptions(jail=not args.no_jail, seccomp_mode=args.seccomp,
                            worker_ids=args.worker_ids))
@@ -229,6 +234,9 @@ def _status(client: ControlClient, args: argparse.Namespace) -> int:
             ("features", ", ".join(status["features"]) or "-")]
     if status.get("last_worker_exit"):
         rows.append(("last worker exit", status["last_worker_exit"]))
+    if status.get("poison_val") is not None:
+        rows.append(("page poison", f"{status['poison_val']:#x}"))
+    rows.extend(("warning", text) for text in status.get("warnings") or [])
     _table(rows)
     return 0
 

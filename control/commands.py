@@ -66,7 +66,9 @@ def status(device: VmDevice | None) -> dict[str, Any]:
                   else device.guest_pages * PAGE_SIZE,
                   last_worker_exit=device.last_exit,
                   seccomp_denials=device.denials(),
-                  counters=Counters.from_values(device.counters())).to_json()
+                  counters=Counters.from_values(device.counters()),
+                  poison_val=device.model.poison_val,
+                  warnings=device.warnings()).to_json()
 
 
 def stats(device: VmDevice | None, refresh: bool) -> dict[str, Any]:

@@ -47,7 +47,8 @@ from control.workers import WorkerHandle, spawn_worker
 from device.balloon import QueueSpec, queue_layout
 from device.command import (MAX_MESSAGE, Activate, CountersEvent, Envelope, ErrorEvent, Kill,
                             LogEvent, Message, PartialPage, Ping, ProtocolError, RegionSpec, Reply,
-                            RingBases, RingSpec, SetCallFd, StatsEvent, UsedRing, decode, encode)
+                            RingBases, RingSpec, SetCallFd, SetPoison, StatsEvent, UsedRing, decode,
+                            encode)
 from device.memory import MemoryRegion
 
 log = logging.getLogger("vballoon.supervisor")
@@ -91,6 +92,7 @@ class Activation:
     features: int
     stats_interval: float
     partial_pages: tuple[PartialPage, ...] = ()   # for the first worker only (see start)
+    poison_val: int | None = None                 # the driver's (PAGE_POISON), once written
 
     def keep_fds(self) -> set[int]:
         return ({r.fd for r in self.regions} | {q.kick_fd for q in self.queues}
@@ -106,7 +108,7 @@ class Activation:
                            q.kick_fd, q.call_fd, None if resume else q.next_avail)
                   for q in self.queues]
         return Activate(self.features, float(self.stats_interval), self.region_specs(), queues,
-                        list(self.partial_pages) if carry else [])
+                        list(self.partial_pages) if carry else [], self.poison_val)
 
     def ring_bases_message(self) -> RingBases:
         return RingBases(self.features, self.region_specs(),
@@ -334,6 +336,14 @@ class Supervisor:
                 self.activation = dataclasses.replace(activation, queues=tuple(queues))
             done(result if isinstance(result, WorkerError) else None)
         self._request(SetCallFd(name), answered, None, fds=(fd,))
+
+    def set_poison(self, value: int) -> None:
+        """The driver wrote ``poison_val``: tell the worker serving or starting (commands
+        follow its activation in order) and every later one."""
+        if self.activation is not None:
+            self.activation = dataclasses.replace(self.activation, poison_val=value)
+        if self.state in (STARTING, ACTIVE) and self._channel is not None:
+            self._request(SetPoison(value), lambda result: None, None)
 
     def check_alive(self) -> None:
         """Make sure a liveness check is running: any outstanding request is one."""

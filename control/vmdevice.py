@@ -20,7 +20,8 @@ from control.loop import EventLoop
 from control.supervisor import (ACTIVE, FAILED, IDLE, Activation, Done, ProxyOptions,
                                 Supervisor, read_ring_bases)
 from device.command import PartialPage, RequestStats
-from device.balloon import PAGE_SIZE, BalloonControl, BalloonOptions, QueueSpec
+from device.balloon import (PAGE_SIZE, VIRTIO_BALLOON_F_PAGE_POISON, VIRTIO_BALLOON_F_REPORTING,
+                            BalloonControl, BalloonOptions, QueueSpec, reports_may_release)
 from device.errors import DeviceError, InvalidTarget
 from device.memory import MemoryRegion, validate_regions
 from device.stats import StatsSnapshot
@@ -72,6 +73,10 @@ class _Model(BalloonControl):
 
     def config_changed(self) -> None:
         self.owner.changed()
+
+    def poison_changed(self) -> None:
+        if self.poison_val is not None:
+            self.owner.supervisor.set_poison(self.poison_val)
 
 
 class VmDevice:
@@ -146,6 +151,26 @@ class VmDevice:
     def denials(self) -> dict[str, int] | None:
         return self.supervisor.denials()
 
+    def warnings(self) -> list[str]:
+        """What an operator should know about why memory may not come back (``status``)."""
+        offered, acked = self.device_features, self.acked_features
+        out = []
+        if acked and offered >> VIRTIO_BALLOON_F_REPORTING & 1 and not acked >> VIRTIO_BALLOON_F_REPORTING & 1:
+            if offered >> VIRTIO_BALLOON_F_PAGE_POISON & 1:
+                out.append("free page reporting was offered but the guest did not accept it")
+            else:
+                out.append("free page reporting was offered but the guest did not accept it: a "
+                           "guest that zeroes or poisons freed pages (init_on_free=1, "
+                           "page_poison=1) turns it off unless PAGE_POISON is offered too "
+                           "(drop --no-page-poison)")
+        if acked >> VIRTIO_BALLOON_F_REPORTING & 1 and not reports_may_release(acked, self.model.poison_val):
+            poison = self.model.poison_val
+            said = "has not written its poison value" if poison is None else \
+                f"fills freed pages with {poison:#x}"
+            out.append(f"the guest {said}: its free page reports are returned without "
+                       f"releasing memory (released pages would read back as zeroes)")
+        return out
+
     def counters(self) -> dict[str, int]:
         return {**self.supervisor.counters(), "worker_restarts": self.supervisor.restarts}
 
@@ -170,7 +195,8 @@ class VmDevice:
             return
         self.model.guest_pages = sum(r.size for r in regions) // PAGE_SIZE
         activation = Activation(tuple(regions), tuple(queues), self.acked_features,
-                                float(self.options.stats_interval), tuple(partial_pages))
+                                float(self.options.stats_interval), tuple(partial_pages),
+                                self.model.poison_val)
         self.supervisor.start(activation, done)
 
     def stop(self, done: Done) -> None:
@@ -182,6 +208,7 @@ class VmDevice:
         def stopped(state: Any) -> None:
             self.model.acked_features = 0
             self.model.config.actual = 0
+            self.model.poison_written = False
             self.model.guest_pages = None
             self.supervisor.activation = None
             self.changed()

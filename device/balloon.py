@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from device.config import BalloonConfig, U32_MAX
+from device.config import POISON_VAL_OFFSET, BalloonConfig, U32_MAX
 from device.errors import (BadBufferLayout, FeatureError, GuestError, InvalidQueueConfig,
                            InvalidTarget)
 from device.memory import SMALL_PAGE, GuestMemory, MemoryRegion
@@ -91,6 +91,7 @@ class BalloonOptions:
     stats: bool = True
     deflate_on_oom: bool = False
     free_page_reporting: bool = False
+    page_poison: bool = True      # offered with free page reporting (see reports_may_release)
     version_1: bool = True
     event_idx: bool = True
     indirect: bool = True
@@ -101,10 +102,27 @@ class BalloonOptions:
                 (self.stats, VIRTIO_BALLOON_F_STATS_VQ),
                 (self.deflate_on_oom, VIRTIO_BALLOON_F_DEFLATE_ON_OOM),
                 (self.free_page_reporting, VIRTIO_BALLOON_F_REPORTING),
+                (self.free_page_reporting and self.page_poison, VIRTIO_BALLOON_F_PAGE_POISON),
                 (self.version_1, VIRTIO_F_VERSION_1),
                 (self.event_idx, VIRTIO_F_EVENT_IDX),
                 (self.indirect, VIRTIO_F_INDIRECT_DESC)]
         return sum(1 << bit for on, bit in bits if on)
+
+
+def reports_may_release(features: int, poison_val: int | None) -> bool:
+    """Whether pages in a free page report may be released (read back as zeroes after).
+
+    VIRTIO 1.2, "Device Operation / Free Page Reporting", device requirements: without
+    VIRTIO_BALLOON_F_PAGE_POISON the device MAY modify a reported page; with it, it MUST NOT
+    change a reported page to anything but ``poison_val`` ("Device Operation / Page
+    Poison": the driver fills freed pages with ``poison_val`` and writes it to config space
+    before DRIVER_OK). Released memory reads as zeroes, so with PAGE_POISON only
+    ``poison_val == 0`` (Linux's init_on_free) allows it; a value not written yet
+    (``None``) is treated as unknown, so nothing is released.
+    """
+    if not features >> VIRTIO_BALLOON_F_PAGE_POISON & 1:
+        return True
+    return poison_val == 0
 
 
 def feature_names(features: int) -> list[str]:
@@ -149,6 +167,7 @@ class BalloonCounters:
     released_pages: int = 0
     pending_pages: int = 0
     skipped_pages: int = 0
+    report_skipped_bytes: int = 0
 
 
 class BalloonQueues:
@@ -163,8 +182,13 @@ class BalloonQueues:
     def __init__(self, memory: GuestMemory, queues: dict[str, SplitQueue],
                  call_fds: dict[str, int], stats_interval: float = 0.0,
                  on_error: Callable[[str, GuestError], None] | None = None,
-                 on_stats: Callable[[StatsSnapshot], None] | None = None) -> None:
+                 on_stats: Callable[[StatsSnapshot], None] | None = None,
+                 features: int = 0, poison_val: int | None = None,
+                 logger: logging.Logger = log) -> None:
         self.memory = memory
+        self.log = logger                 # the jailed worker's own (see device.worker)
+        self.features = features
+        self.poison_val = poison_val      # what the driver wrote (PAGE_POISON); None: not yet
         self.queues = queues
         self.call_fds = call_fds
         self.releaser = PageReleaser(memory)
@@ -172,6 +196,7 @@ class BalloonQueues:
         self.stats = StatsSnapshot()
         self.stats_interval = stats_interval
         self._stats_head: int | None = None
+        self._kept_reports_said = False
         self._pass_ranges = 0
         self._last_stats_request = time.monotonic()
         self._on_error = on_error or (lambda name, exc: None)
@@ -313,9 +338,19 @@ class BalloonQueues:
             self._reject(REPORTING_QUEUE, queue, chain.head,
                          BadBufferLayout("a report must be 1-64 device-writable descriptors"))
             return
+        release = reports_may_release(self.features, self.poison_val)
         for desc in chain.writable:
-            self.releaser.release_report(desc.addr, desc.length)
+            if release:
+                self.releaser.release_report(desc.addr, desc.length)
+            else:
+                self.counters.report_skipped_bytes += desc.length
             self.counters.reported_bytes += desc.length
+        if not release and not self._kept_reports_said:
+            self._kept_reports_said = True
+            self.log.warning("the guest fills freed pages with poison value %s: its free page "
+                        "reports are returned without releasing memory (it would read zeroes)",
+                        "unknown (not written yet)" if self.poison_val is None
+                        else f"{self.poison_val:#x}")
         self._sync_release_counters()
         queue.add_used(chain.head, 0)
 
@@ -402,9 +437,20 @@ class BalloonControl:
         self.config = BalloonConfig()
         self.on_config_change = on_config_change or (lambda: None)
         self.guest_pages: int | None = None
+        self.poison_written = False        # the driver wrote poison_val (PAGE_POISON)
 
     def is_active(self) -> bool:
         raise NotImplementedError
+
+    @property
+    def poison_val(self) -> int | None:
+        """The driver's poison value once it wrote one with PAGE_POISON negotiated, else None."""
+        if not self.poison_written or not self.acked_features >> VIRTIO_BALLOON_F_PAGE_POISON & 1:
+            return None
+        return self.config.poison_val
+
+    def poison_changed(self) -> None:
+        """Hook: the driver wrote ``poison_val`` (the worker must know before reports)."""
 
     def config_changed(self) -> None:
         """Hook: ``actual`` or ``num_pages`` changed (the proxy wakes its waiters)."""
@@ -424,8 +470,13 @@ class BalloonControl:
         return self.config.read(offset, length)
 
     def write_config(self, offset: int, data: bytes) -> None:
-        self.config.write(offset, data,
-                          poison_writable=bool(self.acked_features >> VIRTIO_BALLOON_F_PAGE_POISON & 1))
+        poison_writable = bool(self.acked_features >> VIRTIO_BALLOON_F_PAGE_POISON & 1)
+        before = self.poison_val
+        self.config.write(offset, data, poison_writable=poison_writable)
+        if poison_writable and offset < POISON_VAL_OFFSET + 4 and offset + len(data) > POISON_VAL_OFFSET:
+            self.poison_written = True
+            if self.poison_val != before:
+                self.poison_changed()
         self.config_changed()
 
     def set_target_pages(self, pages: int) -> None:
@@ -460,12 +511,14 @@ class BalloonControl:
 
     def snapshot(self) -> dict:
         """The state that survives a worker restart or a migration (plain data)."""
-        return {"acked_features": self.acked_features, "config": asdict(self.config)}
+        return {"acked_features": self.acked_features, "config": asdict(self.config),
+                "poison_written": self.poison_written}
 
     def restore(self, state: dict) -> None:
         """Load a ``snapshot()``; only before activation. Raises ``FeatureError``."""
         self.ack_features(int(state["acked_features"]))
         self.config = BalloonConfig(**{k: int(v) for k, v in state["config"].items()})
+        self.poison_written = bool(state.get("poison_written", False))
 
 
 class Balloon(BalloonControl):
@@ -498,7 +551,8 @@ class Balloon(BalloonControl):
         self.guest_pages = memory.size // PAGE_SIZE
         self.queues = BalloonQueues(memory, built,
                                     {name: spec.call_fd for name, spec in zip(built, queues)},
-                                    self.options.stats_interval, on_error=self._log_guest_error)
+                                    self.options.stats_interval, on_error=self._log_guest_error,
+                                    features=self.acked_features, poison_val=self.poison_val)
         self._kick_fds = {spec.kick_fd: name for name, spec in zip(built, queues)}
 
     def kick_fds(self) -> dict[int, str]:
@@ -519,6 +573,11 @@ class Balloon(BalloonControl):
         self._kick_fds = {}
         self.acked_features = 0
         self.config.actual = 0
+        self.poison_written = False
+
+    def poison_changed(self) -> None:
+        if self.queues is not None:
+            self.queues.poison_val = self.poison_val
 
     @staticmethod
     def _log_guest_error(name: str, exc: GuestError) -> None:

@@ -111,6 +111,8 @@ class Activate(Message):
     # The previous worker's partial huge pages, when the same driver carries on (fd swaps,
     # a new memory table); never after the driver may have gone away.
     partial_pages: list[PartialPage] = bounds(0, 64, default_factory=list)
+    # What the driver wrote to poison_val (PAGE_POISON), None if nothing yet.
+    poison_val: int | None = bounds(0, U32, default=None)
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,15 @@ class SetCallFd(Message):
 
     TYPE: ClassVar[str] = "set_call_fd"
     queue: str = bounds(1, 32)
+
+
+@dataclass(frozen=True)
+class SetPoison(Message):
+    """The driver wrote ``poison_val`` (PAGE_POISON): free page reports are released only
+    when it is 0 (``device.balloon.reports_may_release``)."""
+
+    TYPE: ClassVar[str] = "set_poison"
+    poison_val: int = bounds(0, U32)
 
 
 @dataclass(frozen=True)
@@ -190,9 +201,10 @@ class ErrorEvent(Message):
 
 
 MESSAGES: dict[str, type[Message]] = {cls.TYPE: cls for cls in (
-    Activate, Kill, RingBases, SetCallFd, RequestStats, GetState, Ping,
+    Activate, Kill, RingBases, SetCallFd, SetPoison, RequestStats, GetState, Ping,
     Reply, StatsEvent, CountersEvent, LogEvent, ErrorEvent)}
-REQUESTS = frozenset({Activate, Kill, RingBases, SetCallFd, RequestStats, GetState, Ping})
+REQUESTS = frozenset({Activate, Kill, RingBases, SetCallFd, SetPoison, RequestStats, GetState,
+                      Ping})
 FD_MESSAGES = frozenset({SetCallFd})       # the only message that may carry an fd
 # Requests without fields, by wire name: what a caller can ask for by name alone.
 SIMPLE_REQUESTS: dict[str, type[Message]] = {cls.TYPE: cls for cls in (Kill, RequestStats,

@@ -33,8 +33,8 @@ from dataclasses import asdict
 from device.balloon import BalloonQueues, QueueSpec, build_queues, queue_layout
 from device.command import (FD_MESSAGES, MAX_MESSAGE, Activate, CountersEvent, ErrorEvent,
                             GetState, Kill, LogEvent, Message, Ping, ProtocolError, RegionSpec,
-                            RequestStats, RingBases, SetCallFd, StatsEvent, clip, decode, encode,
-                            reply_error, reply_ok)
+                            RequestStats, RingBases, SetCallFd, SetPoison, StatsEvent, clip,
+                            decode, encode, reply_error, reply_ok)
 from device.errors import DeviceError, GuestError, InvalidQueueConfig
 from device.memory import GuestMemory, MemoryRegion
 from device.notify import drain_fd, signal_fd
@@ -211,6 +211,10 @@ class Worker:
                 return self._state()
             case RingBases():
                 return self._ring_bases(message)
+            case SetPoison(poison_val=value):
+                if self.queues is not None:
+                    self.queues.poison_val = value
+                return {}
             case RequestStats():
                 return {"requested": self.queues.request_stats() if self.queues else False}
             case GetState():
@@ -246,7 +250,9 @@ class Worker:
         self.memory = memory
         self.queues = BalloonQueues(memory, built,
                                     {name: s.call_fd for name, s in zip(built, specs)},
-                                    message.stats_interval, self._on_guest_error, self._on_stats)
+                                    message.stats_interval, self._on_guest_error, self._on_stats,
+                                    features=message.features, poison_val=message.poison_val,
+                                    logger=self.log)
         self.kick_fds = {s.kick_fd: name for name, s in zip(built, specs)}
         for fd in self.kick_fds:
             os.set_blocking(fd, False)

@@ -11,7 +11,7 @@ settings.register_profile("vballoon", deadline=None,
 settings.load_profile("vballoon")
 
 from device.balloon import Balloon, BalloonOptions
-from tests.driver import MIB, BalloonDriver, GuestRam
+from tests.driver import MIB, BalloonDriver, GuestRam, linux_acks
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def ram():
 def make_inprocess(ram: GuestRam, options: BalloonOptions = BalloonOptions()):
     """An activated in-process balloon and a driver that services it synchronously."""
     balloon = Balloon(options)
-    balloon.ack_features(balloon.device_features)
+    balloon.ack_features(linux_acks(balloon.device_features))
     driver = BalloonDriver(ram, balloon.queue_names(), balloon.acked_features,
                            write_config=balloon.write_config,
                            service=balloon.process_queue)

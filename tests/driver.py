@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from device.balloon import (DEFLATE_QUEUE, INFLATE_QUEUE, REPORTING_QUEUE, STATS_QUEUE,
-                            QueueSpec, VIRTIO_F_EVENT_IDX)
+                            VIRTIO_BALLOON_F_PAGE_POISON, QueueSpec, VIRTIO_F_EVENT_IDX)
 from device.config import ACTUAL_OFFSET
 from device.memory import MemoryRegion
 from device.virtqueue import (DESC, VIRTQ_DESC_F_NEXT,
@@ -29,6 +29,12 @@ from device.virtqueue import (DESC, VIRTQ_DESC_F_NEXT,
 
 PAGE = 4096
 MIB = 1 << 20
+
+
+def linux_acks(offered: int, poisons: bool = False) -> int:
+    """What Linux's driver accepts of ``offered``: PAGE_POISON only when the guest zeroes or
+    poisons the pages it frees (virtballoon_validate clears it otherwise)."""
+    return offered if poisons else offered & ~(1 << VIRTIO_BALLOON_F_PAGE_POISON)
 RING_AREA = 4 * MIB
 PFNS_PER_BUFFER = 256
 QUEUE_SIZE = 128

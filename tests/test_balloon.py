@@ -10,15 +10,16 @@ import pytest
 
 from device.balloon import (STATS_QUEUE, Balloon,
                             BalloonOptions, VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
-                            VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_REPORTING,
+                            VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_PAGE_POISON,
+                            VIRTIO_BALLOON_F_REPORTING,
                             VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_F_VERSION_1, queue_layout)
-from device.config import ACTUAL_OFFSET
+from device.config import ACTUAL_OFFSET, POISON_VAL_OFFSET
 from device.errors import ConfigAccessError, FeatureError, InvalidTarget
 from device.stats import VIRTIO_BALLOON_S_MEMFREE, VIRTIO_BALLOON_S_MEMTOT
 from tests.conftest import make_inprocess
 from device.memory import GuestMemory, MemoryRegion
 from device.release import PageReleaser
-from tests.driver import MIB, PAGE, BalloonDriver
+from tests.driver import MIB, PAGE, BalloonDriver, linux_acks
 
 
 def test_inflate_frees_host_memory(ram, inprocess):
@@ -263,7 +264,7 @@ def _huge_free() -> int:
 
 def _huge_reporting_balloon(ram, page_size: int):
     balloon = Balloon(BalloonOptions(free_page_reporting=True))
-    balloon.ack_features(balloon.device_features)
+    balloon.ack_features(linux_acks(balloon.device_features))
     driver = BalloonDriver(ram, balloon.queue_names(), balloon.acked_features,
                            balloon.write_config, balloon.process_queue)
     balloon.activate([MemoryRegion(0, ram.size, ram.fd, page_size=page_size)], driver.specs())
@@ -323,3 +324,82 @@ def test_config_write_of_the_whole_space_applies_only_actual(inprocess):
     balloon.write_config(0, struct.pack("<IIII", 1, 288, 9, 9))    # all 16 bytes
     assert (balloon.config.num_pages, balloon.config.actual) == (300, 288)
     assert balloon.config.free_page_hint_cmd_id == 0 and balloon.config.poison_val == 0
+
+
+# -- PAGE_POISON (issue 15) --------------------------------------------------------------------
+
+def test_page_poison_is_offered_with_reporting_and_can_be_switched_off():
+    with_reporting = BalloonOptions(free_page_reporting=True).features()
+    assert with_reporting >> VIRTIO_BALLOON_F_PAGE_POISON & 1
+    assert not BalloonOptions(free_page_reporting=True, page_poison=False).features() \
+        >> VIRTIO_BALLOON_F_PAGE_POISON & 1
+    assert not BalloonOptions().features() >> VIRTIO_BALLOON_F_PAGE_POISON & 1
+
+
+def test_poison_val_is_driver_writable_only_with_page_poison(ram):
+    options = BalloonOptions(free_page_reporting=True)
+    for poisons in (False, True):
+        balloon, driver = make_inprocess(ram, options) if not poisons else _poisoning(ram, options)
+        balloon.write_config(POISON_VAL_OFFSET, struct.pack("<I", 0xAAAAAAAA))
+        assert balloon.config.poison_val == (0xAAAAAAAA if poisons else 0)
+        assert balloon.poison_val == (0xAAAAAAAA if poisons else None)
+        balloon.reset()
+        driver.close()
+
+
+def _poisoning(ram, options=BalloonOptions(free_page_reporting=True)):
+    """An in-process balloon whose driver accepted PAGE_POISON (init_on_free or page_poison)."""
+    balloon = Balloon(options)
+    balloon.ack_features(linux_acks(balloon.device_features, poisons=True))
+    driver = BalloonDriver(ram, balloon.queue_names(), balloon.acked_features,
+                           write_config=balloon.write_config, service=balloon.process_queue)
+    balloon.activate([ram.region()], driver.specs())
+    return balloon, driver
+
+
+@pytest.mark.parametrize("poisons, written, released", [
+    (False, None, True),           # the driver turned PAGE_POISON down: the spec lets us
+    (True, 0, True),               # init_on_free: zeroes are what it expects
+    (True, 0xAAAAAAAA, False),     # page_poison=1: zeroes would be corruption
+    (True, None, False),           # negotiated but not written yet: unknown, keep
+])
+def test_reported_pages_are_released_only_if_the_guest_expects_zeroes(ram, poisons, written, released):
+    balloon, driver = _poisoning(ram) if poisons else make_inprocess(ram, BalloonOptions(free_page_reporting=True))
+    if written is not None:
+        balloon.write_config(POISON_VAL_OFFSET, struct.pack("<I", written))
+    ram.populate()
+    before = ram.host_bytes()
+    driver.report([(16 * MIB, 4 * MIB), (24 * MIB, 4 * MIB)])        # the buffer comes back either way
+    counters = balloon.queues.counters
+    assert counters.reported_bytes == 8 * MIB
+    if released:
+        assert before - ram.host_bytes() == 8 * MIB and counters.report_skipped_bytes == 0
+    else:
+        assert ram.host_bytes() == before and counters.report_skipped_bytes == 8 * MIB
+        assert bytes(ram.map[16 * MIB:16 * MIB + 8]) == b"\xa5" * 8       # contents untouched
+    balloon.reset()
+    driver.close()
+
+
+def test_a_poison_value_written_while_active_applies_to_the_next_report(ram):
+    balloon, driver = _poisoning(ram)
+    ram.populate()
+    before = ram.host_bytes()
+    driver.report([(16 * MIB, 4 * MIB)])
+    assert ram.host_bytes() == before                                   # unknown yet: kept
+    balloon.write_config(POISON_VAL_OFFSET, struct.pack("<I", 0))
+    driver.report([(16 * MIB, 4 * MIB)])
+    assert before - ram.host_bytes() == 4 * MIB
+    balloon.reset()
+    driver.close()
+
+
+def test_snapshot_carries_the_poison_value(ram):
+    balloon, driver = _poisoning(ram)
+    balloon.write_config(POISON_VAL_OFFSET, struct.pack("<I", 0xAAAAAAAA))
+    other = Balloon(balloon.options)
+    other.restore(balloon.snapshot())
+    assert other.poison_val == 0xAAAAAAAA
+    balloon.reset()
+    assert balloon.poison_val is None                                    # a reset forgets it
+    driver.close()

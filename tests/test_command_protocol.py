@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from device.command import (MAX_MESSAGE, MESSAGES, Activate, CountersEvent, Envelope,
                             ErrorEvent, GetState, Kill, LogEvent, Ping, ProtocolError, RegionSpec,
-                            Reply, RequestStats, RingBases, RingSpec, SetCallFd, StatsEvent,
+                            Reply, RequestStats, RingBases, RingSpec, SetCallFd, SetPoison, StatsEvent,
                             UsedRing,
                             decode, encode, reply_error)
 from device.worker import run_worker
@@ -122,8 +122,9 @@ def test_every_message_type_round_trips_through_its_schema():
     """The schema is the dataclasses: each type decodes exactly what it encodes."""
     region = RegionSpec(0, 4096, 3, 0, None, 4096)
     samples = [Activate(1, 0.5, [region], [RingSpec(**GOOD_QUEUE, next_avail=None)]),
+               Activate(1, 0.5, [region], [RingSpec(**GOOD_QUEUE, next_avail=7)], poison_val=0xAAAAAAAA),
                Kill(), RingBases(1, [region], [UsedRing(8192)]), SetCallFd("inflate"),
-               RequestStats(), GetState(),
+               SetPoison(0), RequestStats(), GetState(),
                Ping(), Reply(ok=True, result={"ring_bases": {"inflate": 3}}),
                Reply(ok=False, error="no"), StatsEvent({"free_memory": 1}, 2.0),
                CountersEvent({"kicks": 3}), LogEvent(20, "hello"), ErrorEvent("inflate", "bad")]

@@ -12,9 +12,10 @@ import pytest
 
 from control.errors import RequestError, WorkerError
 from control.proxy import ACTIVE, FAILED, ProxyBalloon, ProxyOptions
-from device.balloon import SECCOMP_POLICY, BalloonOptions
+from device.balloon import SECCOMP_POLICY, VIRTIO_BALLOON_F_REPORTING, BalloonOptions
+from device.config import POISON_VAL_OFFSET
 from device.stats import VIRTIO_BALLOON_S_MEMFREE
-from tests.driver import MIB, PAGE, BalloonDriver, GuestRam, wait_for
+from tests.driver import MIB, PAGE, BalloonDriver, GuestRam, linux_acks, wait_for
 
 MODES = [pytest.param(False, id="thread"), pytest.param(True, id="jailed")]
 
@@ -33,7 +34,7 @@ def make_proxy(ram, jail: bool, **proxy_options):
     proxy = ProxyBalloon(BalloonOptions(free_page_reporting=True),
                          ProxyOptions(jail=jail, **proxy_options))
     _made.append(proxy)
-    proxy.ack_features(proxy.device_features)
+    proxy.ack_features(linux_acks(proxy.device_features))
     driver = BalloonDriver(ram, proxy.queue_names(), proxy.acked_features,
                            write_config=proxy.write_config)
     return proxy, driver
@@ -327,3 +328,48 @@ def test_thread_worker_exit_fd_is_closed_only_once_its_thread_ended():
     with pytest.raises(OSError):
         os.fstat(exit_fd)
     child.close()
+
+
+# -- PAGE_POISON reaches the jailed worker (issue 15) ------------------------------------------
+
+def test_the_poison_value_reaches_the_serving_worker_and_every_replacement(ram):
+    proxy = ProxyBalloon(BalloonOptions(free_page_reporting=True), ProxyOptions(jail=True))
+    _made.append(proxy)
+    proxy.ack_features(linux_acks(proxy.device_features, poisons=True))
+    driver = BalloonDriver(ram, proxy.queue_names(), proxy.acked_features,
+                           write_config=proxy.write_config)
+    proxy.activate([ram.region()], driver.specs())
+    ram.populate()
+    before = ram.host_bytes()
+    driver.report([(8 * MIB, 4 * MIB)])
+    assert ram.host_bytes() == before                      # not written yet: kept
+    # Written after activation (Linux writes it in probe, after the rings exist): 0 is
+    # init_on_free, so reports are released from now on.
+    proxy.write_config(POISON_VAL_OFFSET, struct.pack("<I", 0))
+    driver.report([(16 * MIB, 4 * MIB)])
+    assert before - ram.host_bytes() == 4 * MIB
+    assert proxy.device.warnings() == []
+    victim = proxy.worker.pid
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: proxy.restarts == 1 and proxy.state == ACTIVE, what="a replacement worker")
+    driver.report([(24 * MIB, 4 * MIB)])
+    assert before - ram.host_bytes() == 8 * MIB            # the replacement knows it too
+    # A non-zero value (page_poison=1): reports are kept, and status says why.
+    proxy.write_config(POISON_VAL_OFFSET, struct.pack("<I", 0xAAAAAAAA))
+    driver.report([(32 * MIB, 4 * MIB)])
+    assert before - ram.host_bytes() == 8 * MIB
+    wait_for(lambda: proxy.request("state")["counters"]["report_skipped_bytes"] == 4 * MIB,
+             what="the kept report counted")
+    (warning,) = proxy.device.warnings()
+    assert "0xaaaaaaaa" in warning
+    driver.close()
+
+
+def test_a_guest_that_drops_reporting_is_a_warning_in_status(ram):
+    proxy = ProxyBalloon(BalloonOptions(free_page_reporting=True, page_poison=False),
+                         ProxyOptions(jail=False))
+    _made.append(proxy)
+    # A guest booted with init_on_free=1, offered no PAGE_POISON: Linux clears REPORTING.
+    proxy.ack_features(proxy.device_features & ~(1 << VIRTIO_BALLOON_F_REPORTING))
+    (warning,) = proxy.device.warnings()
+    assert "did not accept it" in warning and "--no-page-poison" in warning
