@@ -165,8 +165,8 @@ class VmDevice:
                            "(drop --no-page-poison)")
         if acked >> VIRTIO_BALLOON_F_REPORTING & 1 and not reports_may_release(acked, self.model.poison_val):
             poison = self.model.poison_val
-            said = "has not written its poison value" if poison is None else \
-                f"fills freed pages with {poison:#x}"
+            said = ("has not written its poison value (QEMU: give the device "
+                    "config_size=16)") if poison is None else f"fills freed pages with {poison:#x}"
             out.append(f"the guest {said}: its free page reports are returned without "
                        f"releasing memory (released pages would read back as zeroes)")
         return out

@@ -470,7 +470,9 @@ class BalloonControl:
         return self.config.read(offset, length)
 
     def write_config(self, offset: int, data: bytes) -> None:
-        poison_writable = bool(self.acked_features >> VIRTIO_BALLOON_F_PAGE_POISON & 1)
+        # Writable once offered, used only once negotiated (``poison_val``): QEMU passes the
+        # features to a vhost-user back-end only at DRIVER_OK, after Linux's probe wrote it.
+        poison_writable = bool(self.device_features >> VIRTIO_BALLOON_F_PAGE_POISON & 1)
         before = self.poison_val
         self.config.write(offset, data, poison_writable=poison_writable)
         if poison_writable and offset < POISON_VAL_OFFSET + 4 and offset + len(data) > POISON_VAL_OFFSET:

@@ -143,6 +143,7 @@ class QemuConfig:
     config_size: int = 8
     image_dir: str | os.PathLike[str] = DEFAULT_QEMU_DIR
     extra_args: tuple[str, ...] = ()
+    kernel_args: tuple[str, ...] = ()      # appended to the guest kernel's command line
     boot_timeout: float = 60.0
 
     def __post_init__(self) -> None:
@@ -174,7 +175,8 @@ class QemuConfig:
         ]
         for firmware in image.firmware_dirs:
             args += ["-L", str(firmware)]
-        args += ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", KERNEL_CMDLINE]
+        args += ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append",
+                 " ".join((KERNEL_CMDLINE, *self.kernel_args))]
         if self.vhost_socket is not None:
             args += [
                 "-chardev", f"socket,id=vb,path={_qemu_opt(self.vhost_socket)}",

@@ -43,11 +43,13 @@ class Rig:
         return self.guest.meminfo()["MemFree"] / 1024
 
 
-def start_rig(tmp_path, balloon: BalloonOptions = BalloonOptions(), name: str = "a") -> Rig:
+def start_rig(tmp_path, balloon: BalloonOptions = BalloonOptions(), name: str = "a",
+              kernel_args: tuple[str, ...] = ()) -> Rig:
     options = ServeOptions(str(tmp_path / f"vhost-{name}.sock"), str(tmp_path / f"ctl-{name}.sock"),
                            balloon, ProxyOptions(jail=JAIL))
     server = ServerThread(options)
-    guest = UmlGuest(GuestConfig(mem_mib=GUEST_MIB, vhost_socket=options.socket_path))
+    guest = UmlGuest(GuestConfig(mem_mib=GUEST_MIB, vhost_socket=options.socket_path,
+                                 extra_args=kernel_args))
     guest.start()
     guest.wait_ready()
     assert guest.balloon_state in ("loaded", "builtin")

@@ -107,8 +107,8 @@ def test_target_raises_config_change_and_is_bounded(ram, inprocess):
     assert balloon.set_target_bytes(8192 + 100) == 2
 
 
-def test_driver_may_write_only_actual(inprocess):
-    balloon, _ = inprocess
+def test_driver_may_write_only_actual(ram):
+    balloon, driver = make_inprocess(ram, BalloonOptions(free_page_reporting=True, page_poison=False))
     balloon.write_config(ACTUAL_OFFSET, struct.pack("<I", 7))
     for offset, data in [(16, b"\0" * 4), (4, b""), (14, b"\0" * 4), (-4, b"\0" * 4)]:
         with pytest.raises(ConfigAccessError):          # outside config space: refused
@@ -120,6 +120,8 @@ def test_driver_may_write_only_actual(inprocess):
         (0, 7, 0)
     assert balloon.read_config(16, 4) == b""
     assert balloon.read_config(14, 4) == b"\0\0"
+    balloon.reset()
+    driver.close()
 
 
 def test_stats_arrive_and_refresh_on_request(inprocess):
@@ -323,7 +325,8 @@ def test_config_write_of_the_whole_space_applies_only_actual(inprocess):
     assert (balloon.config.num_pages, balloon.config.actual) == (300, 256)
     balloon.write_config(0, struct.pack("<IIII", 1, 288, 9, 9))    # all 16 bytes
     assert (balloon.config.num_pages, balloon.config.actual) == (300, 288)
-    assert balloon.config.free_page_hint_cmd_id == 0 and balloon.config.poison_val == 0
+    assert balloon.config.free_page_hint_cmd_id == 0
+    assert balloon.poison_val is None          # offered, so stored, but not negotiated: unused
 
 
 # -- PAGE_POISON (issue 15) --------------------------------------------------------------------
@@ -336,15 +339,18 @@ def test_page_poison_is_offered_with_reporting_and_can_be_switched_off():
     assert not BalloonOptions().features() >> VIRTIO_BALLOON_F_PAGE_POISON & 1
 
 
-def test_poison_val_is_driver_writable_only_with_page_poison(ram):
-    options = BalloonOptions(free_page_reporting=True)
-    for poisons in (False, True):
-        balloon, driver = make_inprocess(ram, options) if not poisons else _poisoning(ram, options)
-        balloon.write_config(POISON_VAL_OFFSET, struct.pack("<I", 0xAAAAAAAA))
-        assert balloon.config.poison_val == (0xAAAAAAAA if poisons else 0)
-        assert balloon.poison_val == (0xAAAAAAAA if poisons else None)
-        balloon.reset()
-        driver.close()
+def test_poison_val_is_writable_once_offered_and_used_once_negotiated(ram):
+    """Writable when offered: QEMU tells a vhost-user back-end the features only at
+    DRIVER_OK, after Linux's probe wrote poison_val. Used only when negotiated."""
+    for options, poisons, stored, used in [
+            (BalloonOptions(free_page_reporting=True, page_poison=False), False, 0, None),
+            (BalloonOptions(free_page_reporting=True), False, 0xAAAAAAAA, None),
+            (BalloonOptions(free_page_reporting=True), True, 0xAAAAAAAA, 0xAAAAAAAA)]:
+        balloon = Balloon(options)
+        balloon.write_config(POISON_VAL_OFFSET, struct.pack("<I", 0xAAAAAAAA))   # before features
+        balloon.ack_features(linux_acks(balloon.device_features, poisons=poisons))
+        assert balloon.config.poison_val == stored
+        assert balloon.poison_val == used
 
 
 def _poisoning(ram, options=BalloonOptions(free_page_reporting=True)):

@@ -42,9 +42,11 @@ class QemuRig:
         return self.control.request("wait", timeout=60.0, stall=15.0)
 
 
-def boot(server: ServerThread, options: ServeOptions, num_vqs: int) -> QemuGuest:
+def boot(server: ServerThread, options: ServeOptions, num_vqs: int, config_size: int = 8,
+         kernel_args: tuple[str, ...] = ()) -> QemuGuest:
     guest = QemuGuest(QemuConfig(mem_mib=GUEST_MIB, vhost_socket=options.socket_path,
-                                 num_vqs=num_vqs))
+                                 num_vqs=num_vqs, config_size=config_size,
+                                 kernel_args=kernel_args))
     guest.start()
     try:
         guest.wait_ready()
@@ -58,12 +60,13 @@ def boot(server: ServerThread, options: ServeOptions, num_vqs: int) -> QemuGuest
     return guest
 
 
-def start_rig(tmp_path, balloon: BalloonOptions, num_vqs: int) -> QemuRig:
+def start_rig(tmp_path, balloon: BalloonOptions, num_vqs: int, config_size: int = 8,
+              kernel_args: tuple[str, ...] = ()) -> QemuRig:
     options = ServeOptions(str(tmp_path / "vhost.sock"), str(tmp_path / "ctl.sock"), balloon,
                            ProxyOptions(jail=True))
     server = ServerThread(options)
     try:
-        guest = boot(server, options, num_vqs)
+        guest = boot(server, options, num_vqs, config_size, kernel_args)
     except BaseException:
         server.stop()
         raise
