@@ -65,6 +65,23 @@ class Status:
 
 
 @dataclass(frozen=True)
+class VmSummary:
+    """One VM in ``vballoon list``."""
+
+    name: str
+    socket: str
+    state: str                       # as in Status; "waiting" when no front-end is connected
+    target_bytes: int
+    actual_bytes: int
+    guest_memory_bytes: int | None
+    worker_pid: int | None
+    worker_restarts: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class WaitOutcome:
     """``wait``: how it ended, with the status at that moment."""
 

@@ -1,5 +1,6 @@
 """The ``vballoon`` command line: ``serve``, ``set``, ``adjust``, ``status``, ``stats``,
-``reset``.
+``reset``, ``list``, ``add``, ``remove``. Requests name their VM with ``--vm NAME``
+(optional while the server holds exactly one).
 
 Exit status: 0 success, 1 an error (refused request, no server, timeout, stalled guest),
 2 bad usage (argparse's own convention).
@@ -16,7 +17,6 @@ import time
 
 from control.client import ControlClient
 from control.errors import ControlError, RequestError
-from device.balloon import BalloonOptions
 
 DEFAULT_CONTROL = "/run/vballoon.sock"
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -66,7 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     serve = sub.add_parser("serve", help="run the vhost-user balloon device")
-    serve.add_argument("--socket", required=True, help="vhost-user socket path to listen on")
+    serve.add_argument("--socket", help="vhost-user socket of the VM named 'default'")
+    serve.add_argument("--vm", action="append", default=[], metavar="NAME=SOCKET[,OPTION...]",
+                       help="serve a VM on its own vhost-user socket (repeatable); options: "
+                            "deflate-on-oom, free-page-reporting, no-page-poison, no-stats, "
+                            "stats-interval=S (others as on this command line)")
     serve.add_argument("--control", default=DEFAULT_CONTROL, help="control socket path")
     serve.add_argument("--deflate-on-oom", action="store_true",
                        help="let the guest take pages back under memory pressure")
@@ -93,17 +97,33 @@ def _parser() -> argparse.ArgumentParser:
 
     for verb, text in (("set", "set the balloon size"), ("adjust", "move the target by pages"),
                        ("status", "show the balloon's state"), ("stats", "show guest stats"),
-                       ("reset", "restart a failed device's worker (its rings resume)")):
+                       ("reset", "restart a failed device's worker (its rings resume)"),
+                       ("list", "list the server's VMs"), ("add", "serve one more VM"),
+                       ("remove", "stop serving a VM")):
         p = sub.add_parser(verb, help=text)
         p.add_argument("--control", default=DEFAULT_CONTROL, help="control socket path")
+        if verb in ("set", "adjust", "status", "stats", "reset"):
+            p.add_argument("--vm", metavar="NAME",
+                           help="the VM (needed when the server serves more than one)")
         if verb == "set":
-            p.add_argument("size", help="512M, 1G, 1GiB, 0, or bytes")
+            p.add_argument("size", nargs="+", metavar="SIZE | NAME=SIZE",
+                           help="512M, 1G, 1GiB, 0, or bytes; or several NAME=SIZE")
             p.add_argument("--wait", action="store_true", help="wait, with a progress bar")
             p.add_argument("--timeout", type=float, default=60.0, metavar="S")
             p.add_argument("--stall", type=float, default=5.0, metavar="S",
                            help="with --wait: give up when the guest makes no progress this long")
         elif verb == "adjust":
             p.add_argument("pages", type=int, help="pages to add (negative: remove)")
+        elif verb == "add":
+            p.add_argument("name", help="the VM's name")
+            p.add_argument("--socket", required=True, help="its vhost-user socket path")
+            p.add_argument("--deflate-on-oom", action="store_true")
+            p.add_argument("--free-page-reporting", action="store_true")
+            p.add_argument("--no-page-poison", action="store_true")
+            p.add_argument("--no-stats", action="store_true")
+            p.add_argument("--stats-interval", type=float, default=None, metavar="SECONDS")
+        elif verb == "remove":
+            p.add_argument("name", help="the VM's name")
         else:
             p.add_argument("--json", action="store_true", help="machine-readable output")
             if verb == "stats":
@@ -120,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     try:
         if args.verb == "set":
-            args.size = parse_size(args.size)        # a bad size is reported before connecting
+            args.targets = _targets(args.size, args.vm)   # bad sizes: said before connecting
         with ControlClient(args.control) as client:
             return _VERBS[args.verb](client, args)
     except (ControlError, TimeoutError, ValueError) as exc:
@@ -128,23 +148,49 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _targets(words: list[str], vm: str | None) -> dict[str | None, int]:
+    """``set``'s arguments: one SIZE (for ``--vm`` or the only VM), or NAME=SIZE pairs."""
+    if len(words) == 1 and "=" not in words[0]:
+        return {vm: parse_size(words[0])}
+    if vm is not None:
+        raise ValueError("give either --vm NAME with one SIZE, or NAME=SIZE pairs")
+    targets: dict[str | None, int] = {}
+    for word in words:
+        name, sep, size = word.partition("=")
+        if not sep or not name:
+            raise ValueError(f"bad target {word[:40]!r}: use SIZE alone, or NAME=SIZE for each VM")
+        if name in targets:
+            raise ValueError(f"VM {name!r} given twice")
+        targets[name] = parse_size(size)
+    return targets
+
+
+def _vm(args: argparse.Namespace) -> dict:
+    return {"vm": args.vm} if getattr(args, "vm", None) else {}
+
+
 def _serve(args: argparse.Namespace) -> int:
     from control.supervisor import ProxyOptions
     from control.server import ServeOptions, serve
+    from control.vm import parse_vm
+    from device.balloon import BalloonOptions
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.no_jail:
         logging.getLogger("vballoon").warning(
             "--no-jail: the worker runs UNJAILED in this process; for debugging only")
-    options = ServeOptions(
-        socket_path=args.socket, control_path=args.control,
-        balloon=BalloonOptions(stats=not args.no_stats, deflate_on_oom=args.deflate_on_oom,
-                               free_page_reporting=args.free_page_reporting,
-                               page_poison=not args.no_page_poison,
-                               stats_interval=args.stats_interval),
-        proxy=ProxyOptions(jail=not args.no_jail, seccomp_mode=args.seccomp,
-                           worker_ids=args.worker_ids))
+    balloon = BalloonOptions(stats=not args.no_stats, deflate_on_oom=args.deflate_on_oom,
+                             free_page_reporting=args.free_page_reporting,
+                             page_poison=not args.no_page_poison,
+                             stats_interval=args.stats_interval)
     try:
+        options = ServeOptions(
+            socket_path=args.socket, control_path=args.control, balloon=balloon,
+            proxy=ProxyOptions(jail=not args.no_jail, seccomp_mode=args.seccomp,
+                               worker_ids=args.worker_ids),
+            vms=tuple(parse_vm(text, balloon) for text in args.vm))
+        if not options.specs():
+            raise RequestError("give --socket PATH or --vm NAME=SOCKET (at least one VM)")
         serve(options)
     except RequestError as exc:
         print(f"vballoon serve: {exc}", file=sys.stderr)
@@ -153,27 +199,39 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _set(client: ControlClient, args: argparse.Namespace) -> int:
-    status = client.request("set", size=args.size)
-    print(f"target {human(status['target_bytes'])}")
+    if None in args.targets:
+        vm = {"vm": args.vm} if args.vm else {}
+        statuses = {args.vm: client.request("set", size=args.targets[None], **vm)}
+    else:
+        statuses = client.request("set", targets=args.targets)["vms"]
+    for name, status in statuses.items():
+        print(f"{name + ': ' if name else ''}target {human(status['target_bytes'])}")
     if not args.wait:
         return 0
-    return _wait(client, args.timeout, args.stall, scale=status["actual_bytes"])
+    deadline = time.monotonic() + args.timeout
+    worst = 0
+    for name, status in statuses.items():       # they all move at once: waits overlap
+        worst = max(worst, _wait(client, args.timeout, args.stall, scale=status["actual_bytes"],
+                                 vm=name, deadline=deadline))
+    return worst
 
 
-def _wait(client: ControlClient, timeout: float, stall: float, scale: int = 0) -> int:
+def _wait(client: ControlClient, timeout: float, stall: float, scale: int = 0,
+          vm: str | None = None, deadline: float | None = None) -> int:
     """Draw actual vs target until settled; 1 on timeout or a stalled guest.
 
     Asks the server in short ``wait`` slices (so the bar moves) and tracks progress
     across them: the guest has stalled when ``actual`` has not moved for ``stall`` s.
     """
     start = time.monotonic()
-    deadline = start + timeout
+    deadline = start + timeout if deadline is None else deadline
     tty = sys.stdout.isatty()
     last_actual, last_move = None, start
     while True:
         now = time.monotonic()
         window = max(0.0, min(0.25, deadline - now))
-        reply = client.request("wait", timeout=window, stall=max(stall, 0.1))
+        reply = client.request("wait", timeout=window, stall=max(stall, 0.1),
+                               **({"vm": vm} if vm else {}))
         now = time.monotonic()
         if reply["actual_bytes"] != last_actual:
             last_actual, last_move = reply["actual_bytes"], now
@@ -184,8 +242,8 @@ def _wait(client: ControlClient, timeout: float, stall: float, scale: int = 0) -
             elif now < deadline:
                 outcome = None
         scale = max(scale, reply["actual_bytes"], reply["target_bytes"])
-        bar = _bar(reply["actual_bytes"], reply["target_bytes"], scale,
-                   reply.get("guest_memory_bytes"))
+        bar = (f"{vm}: " if vm else "") + _bar(reply["actual_bytes"], reply["target_bytes"],
+                                               scale, reply.get("guest_memory_bytes"))
         if tty:
             print(f"\r{bar}", end="", flush=True)
         if outcome is None:
@@ -196,7 +254,8 @@ def _wait(client: ControlClient, timeout: float, stall: float, scale: int = 0) -
         reason = {"stalled": f"the guest made no progress for {stall:g} s",
                   "timeout": f"not settled after {timeout:g} s",
                   "disconnected": "the guest disconnected"}[outcome]
-        print(f"vballoon set: {reason} (actual {human(reply['actual_bytes'])}, "
+        print(f"vballoon set: {vm + ': ' if vm else ''}{reason} (actual "
+              f"{human(reply['actual_bytes'])}, "
               f"target {human(reply['target_bytes'])})", file=sys.stderr)
         return 1
 
@@ -209,19 +268,19 @@ def _bar(actual: int, target: int, scale: int, total: int | None, width: int = 3
 
 
 def _adjust(client: ControlClient, args: argparse.Namespace) -> int:
-    status = client.request("adjust", pages=args.pages)
+    status = client.request("adjust", pages=args.pages, **_vm(args))
     print(f"target {human(status['target_bytes'])}")
     return 0
 
 
 def _reset(client: ControlClient, args: argparse.Namespace) -> int:
-    status = client.request("reset")
+    status = client.request("reset", **_vm(args))
     print(f"state {status['state']}")
     return 0
 
 
 def _status(client: ControlClient, args: argparse.Namespace) -> int:
-    status = client.request("status")
+    status = client.request("status", **_vm(args))
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
@@ -246,9 +305,9 @@ def _stats(client: ControlClient, args: argparse.Namespace) -> int:
         if not 0 <= args.timeout <= 60:
             raise RequestError("--timeout must be 0..60 seconds")
         client.timeout = max(client.timeout, args.timeout + 5)
-        stats = client.request("stats", refresh=True, timeout=args.timeout)
+        stats = client.request("stats", refresh=True, timeout=args.timeout, **_vm(args))
     else:
-        stats = client.request("stats")
+        stats = client.request("stats", **_vm(args))
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
         return 0
@@ -269,7 +328,44 @@ def _table(rows: list[tuple[str, object]]) -> None:
         print(f"{name:<{width}}  {value}")
 
 
-_VERBS = {"set": _set, "adjust": _adjust, "status": _status, "stats": _stats, "reset": _reset}
+def _list(client: ControlClient, args: argparse.Namespace) -> int:
+    vms = client.request("list")["vms"]
+    if args.json:
+        print(json.dumps(vms, indent=2, sort_keys=True))
+        return 0
+    header = ("NAME", "STATE", "TARGET", "ACTUAL", "MEMORY", "WORKER", "RESTARTS")
+    rows = [header] + [(vm["name"], vm["state"], human(vm["target_bytes"]),
+                        human(vm["actual_bytes"]), human(vm["guest_memory_bytes"]),
+                        str(vm["worker_pid"] or "-"), str(vm["worker_restarts"]))
+                       for vm in vms]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _add(client: ControlClient, args: argparse.Namespace) -> int:
+    options = {key: True for key in ("deflate_on_oom", "free_page_reporting")
+               if getattr(args, key)}
+    if args.no_page_poison:
+        options["page_poison"] = False
+    if args.no_stats:
+        options["stats"] = False
+    if args.stats_interval is not None:
+        options["stats_interval"] = args.stats_interval
+    vm = client.request("add", name=args.name, socket=args.socket, options=options)
+    print(f"{vm['name']}: serving on {vm['socket']}")
+    return 0
+
+
+def _remove(client: ControlClient, args: argparse.Namespace) -> int:
+    client.request("remove", name=args.name)
+    print(f"{args.name}: removed")
+    return 0
+
+
+_VERBS = {"set": _set, "adjust": _adjust, "status": _status, "stats": _stats, "reset": _reset,
+          "list": _list, "add": _add, "remove": _remove}
 
 
 if __name__ == "__main__":

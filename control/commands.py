@@ -11,12 +11,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from control.api import Counters, Stats, Status
+from control.api import Counters, Stats, Status, VmSummary
 from control.errors import RequestError
 from control.vmdevice import VmDevice
 from device.balloon import PAGE_SIZE, feature_names
 
-COMMANDS = ("status", "stats", "set", "adjust", "wait", "reset")
+COMMANDS = ("status", "stats", "set", "adjust", "wait", "reset", "list", "add", "remove")
 MAX_WAIT = 3600.0
 DEFAULT_REFRESH_WAIT = 2.0
 MAX_REFRESH_WAIT = 60.0
@@ -43,8 +43,8 @@ def _number(message: dict, name: str, low: float, high: float, default: float | 
     return float(value)
 
 
-def _check_fields(message: dict, allowed: set[str]) -> None:
-    unknown = set(message) - allowed - {"id", "cmd"}
+def check_fields(message: dict, allowed: set[str]) -> None:
+    unknown = set(message) - allowed - {"id", "cmd", "vm"}
     if unknown:
         raise RequestError(f"unknown arguments {sorted(map(str, unknown))}")
 
@@ -82,9 +82,44 @@ def stats(device: VmDevice | None, refresh: bool) -> dict[str, Any]:
                  refresh_requested=requested).to_json()
 
 
-def _device(device: VmDevice | None) -> VmDevice:
+def vm_summary(name: str, socket_path: str, device: VmDevice | None) -> dict[str, Any]:
+    """One row of ``list`` (``control.api.VmSummary``)."""
+    worker = device.worker if device is not None else None
+    return VmSummary(name=name, socket=socket_path,
+                     state=device.state if device is not None else "waiting",
+                     target_bytes=device.config.num_pages * PAGE_SIZE if device else 0,
+                     actual_bytes=device.config.actual * PAGE_SIZE if device else 0,
+                     guest_memory_bytes=None if device is None or device.guest_pages is None
+                     else device.guest_pages * PAGE_SIZE,
+                     worker_pid=worker.pid if worker is not None else None,
+                     worker_restarts=device.restarts if device is not None else 0).to_json()
+
+
+def set_many(devices: dict[str, VmDevice | None], message: dict) -> dict[str, Any]:
+    """``set`` with ``targets`` (VM name -> bytes): every target is checked before any is
+    applied, so a refused one changes nothing anywhere."""
+    check_fields(message, {"targets"})
+    targets = message["targets"]
+    checked = {name: _target(devices[name], size, name) for name, size in targets.items()}
+    for name, size in checked.items():
+        devices[name].set_target_bytes(size)
+    return {"vms": {name: status(devices[name]) for name in checked}}
+
+
+def _target(device: VmDevice | None, size: object, name: str | None = None) -> int:
+    target = _device(device, name)
+    if type(size) is not int or not 0 <= size <= target.guest_pages * PAGE_SIZE:
+        where = f" for VM {name!r}" if name else ""
+        raise RequestError(f"size{where} must be 0..{target.guest_pages * PAGE_SIZE} bytes "
+                           f"(the guest's memory), not {size!r}")
+    return size
+
+
+def _device(device: VmDevice | None, name: str | None = None) -> VmDevice:
     if device is None or device.guest_pages is None:
-        raise RequestError("no guest is connected (or it has not set up the balloon yet)")
+        where = f" to VM {name!r}" if name else ""
+        raise RequestError(f"no guest is connected{where} (or it has not set up the balloon "
+                           f"yet)")
     return device
 
 
@@ -96,10 +131,10 @@ def handle(device: VmDevice | None,
     if device is not None:
         device.check_alive()        # any operator request checks the worker still answers
     if cmd == "status":
-        _check_fields(message, set())
+        check_fields(message, set())
         return status(device)
     if cmd == "stats":
-        _check_fields(message, {"refresh", "timeout"})
+        check_fields(message, {"refresh", "timeout"})
         refresh = message.get("refresh", False)
         if type(refresh) is not bool:
             raise RequestError("'refresh' must be true or false")
@@ -111,29 +146,25 @@ def handle(device: VmDevice | None,
                                "its device is not active)")
         return RefreshRequest(timeout)
     if cmd == "set":
-        _check_fields(message, {"size"})
-        size = message.get("size")
-        target = _device(device)
-        if type(size) is not int or not 0 <= size <= target.guest_pages * PAGE_SIZE:
-            raise RequestError(f"size must be 0..{target.guest_pages * PAGE_SIZE} bytes "
-                               f"(the guest's memory), not {size!r}")
-        target.set_target_bytes(size)
+        check_fields(message, {"size"})
+        size = _target(device, message.get("size"))
+        device.set_target_bytes(size)
         return status(device)
     if cmd == "adjust":
-        _check_fields(message, {"pages"})
+        check_fields(message, {"pages"})
         pages = message.get("pages")
         if type(pages) is not int:
             raise RequestError(f"'pages' must be a whole number, not {pages!r}")
         _device(device).adjust_pages(pages)
         return status(device)
     if cmd == "reset":
-        _check_fields(message, set())
+        check_fields(message, set())
         target = _device(device)
         if not target.recover():
             raise RequestError(f"the device is {target.state}, not failed: nothing to reset")
         return status(device)
     if cmd == "wait":
-        _check_fields(message, {"timeout", "stall"})
+        check_fields(message, {"timeout", "stall"})
         _device(device)
         return WaitRequest(_number(message, "timeout", 0, MAX_WAIT, 30.0),
                            _number(message, "stall", 0.1, MAX_WAIT, 5.0))

@@ -91,19 +91,21 @@ class JailedWorker:
 
 
 def spawn_jailed_worker(command_fd: int, keep_fds: list[int], policy_path: Path,
-                        seccomp_mode: str, run_as: int | None = None) -> JailedWorker:
+                        seccomp_mode: str, run_as: int | None = None,
+                        renumber: dict[int, int] | None = None) -> JailedWorker:
     """Fork a jailed worker serving ``command_fd``; raises ``WorkerError`` if the jail fails.
 
     ``run_as``: the uid (and gid) it runs as (``control.worker_ids``): switched to as root,
     mapped into its user namespace (subordinate ids) otherwise; None: nobody as root, our
-    own uid otherwise."""
+    own uid otherwise. ``renumber``: {our fd: its number in the worker} for every keep fd
+    (``command_fd`` is the worker's number)."""
     root = os.geteuid() == 0
     try:
         config = JailConfig(keep_fds=keep_fds, name=WORKER_NAME,
                             seccomp=load_policy(policy_path), seccomp_mode=seccomp_mode,
                             run_as=NOBODY if run_as is None or not root else (run_as, run_as),
                             map_ids=None if run_as is None or root else (run_as, run_as),
-                            limits=worker_limits())
+                            limits=worker_limits(), renumber=renumber)
         return JailedWorker(spawn(lambda: run_worker(command_fd), config))
     except (JailError, ValueError) as exc:      # ValueError: an inconsistent JailConfig
         raise WorkerError(f"cannot start the jailed worker: {exc}") from exc

@@ -1,19 +1,21 @@
-"""``vballoon serve``: the vhost-user front door and the operator's control socket.
+"""``vballoon serve``: the I/O loop, a registry of VMs, and the operator's control socket.
 
 One thread, one ``EventLoop``, in the parent (never jailed, never touching guest memory).
-Nothing in the loop waits: sockets are non-blocking with bounded output buffers, and the
-worker's supervisor is a state machine the same loop drives. It holds the vhost-user
-connection for as long as the front-end keeps it: a dying worker is replaced behind it, so
-the guest never sees the connection drop (a guest whose connection drops with pages in the
-balloon hangs for good).
+Nothing in the loop waits: sockets are non-blocking with bounded output buffers, and each
+worker's supervisor is a state machine the same loop drives. Each VM (``control.vm.Vm``) has
+its own vhost-user socket, session and jailed worker; the code path is the same for one VM
+and for a thousand. A VM's vhost-user connection is held for as long as its front-end keeps
+it: a dying worker is replaced behind it, so the guest never sees the connection drop (a
+guest whose connection drops with pages in the balloon hangs for good).
 
-    vhost-user socket --accept--> one front-end at a time (``VhostUserPeer``), a fresh
-                                  device for each
-    control socket    --accept--> any number of operator clients (length-prefixed msgpack)
-    SIGTERM / SIGINT  ----------> kill the worker, close everything, remove socket files
+    vhost-user socket of each VM --accept--> one front-end at a time per VM
+                                             (``VhostUserPeer``), a fresh device for each
+    control socket  --accept--> any number of operator clients (length-prefixed msgpack);
+                                requests name their VM (``vm``), ``add``/``remove`` VMs
+    SIGTERM / SIGINT ---------> kill every worker, close everything, remove socket files
 
 Failure domains: an unexpected error while serving one front-end ends that connection;
-while serving one control client, that client. Never ``serve``.
+while serving one control client, that client. Never ``serve``, never another VM.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from control.loop import EventLoop, Timer
 from control.supervisor import ProxyOptions
 from control.vhost_backend import VhostUserSession
 from control.vhost_peer import VhostUserPeer
+from control.vm import DEFAULT_VM, MAX_VMS, Vm, VmSpec, check_name, options_from
 from control.vmdevice import SettleWatch, VmDevice
 from control.wire import FrameDecoder, FrameError, encode_reply
 from device.balloon import SECCOMP_POLICY, BalloonOptions
@@ -51,10 +54,25 @@ _ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOM
 
 @dataclass(frozen=True)
 class ServeOptions:
-    socket_path: str
+    """``socket_path``: the VM named ``default`` (``serve --socket``); ``vms``: more, each
+    with its own options (``serve --vm``); ``balloon``: the default VM's options, and what
+    every other VM's options start from."""
+
+    socket_path: str | None = None
     control_path: str | None = None
     balloon: BalloonOptions = BalloonOptions()
     proxy: ProxyOptions = ProxyOptions()
+    vms: tuple[VmSpec, ...] = ()
+
+    def specs(self) -> list[VmSpec]:
+        specs = ([VmSpec(DEFAULT_VM, self.socket_path, self.balloon)] if self.socket_path
+                 else []) + list(self.vms)
+        for kind, values in (("name", [s.name for s in specs]),
+                             ("socket", [s.socket_path for s in specs])):
+            repeated = {v for v in values if values.count(v) > 1}
+            if repeated:
+                raise RequestError(f"VM {kind} {sorted(repeated)[0]!r} given twice")
+        return specs
 
 
 @dataclass
@@ -70,45 +88,115 @@ class Waiter:
 
     client: Client
     ident: object
+    vm: Vm
     watch: SettleWatch | None = None
     asked_at: float = 0.0
     deadline: float = 0.0
 
 
 class Server:
-    """Serves one vhost-user front-end at a time and any number of control clients."""
+    """Serves every VM's vhost-user front-end and any number of control clients."""
 
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
         self.loop = EventLoop()
         self.running = True
-        self.frontend: VhostUserPeer | None = None
-        self.connections = 0            # front-ends served so far
+        self.vms: dict[str, Vm] = {}
+        self._vm_listeners: dict[int, Vm] = {}
         self.clients: dict[int, Client] = {}
         self.waiters: list[Waiter] = []
         self._tick: Timer | None = None
-        # Devices whose front-end went away while their worker still stops: ended for good
-        # at shutdown if they have not finished (their fds close when they do).
-        self._stopping: set[VmDevice] = set()
         self._accept_backoff: dict[int, float] = {}
+        specs = options.specs()
+        if not specs and not options.control_path:
+            raise RequestError("nothing to serve: give --socket, --vm or --control (to add "
+                               "VMs later)")
         if options.proxy.jail:
             # Fail at start-up, not at the guest's first connection, if the policy is bad;
             # and have it parsed (and the jail imported) before the guest waits on it.
             load_policy(options.proxy.policy or SECCOMP_POLICY)
-        self.vhost_listener = self._listen(options.socket_path, backlog=1)
         self.control_listener = None
-        if options.control_path:
-            try:
+        try:
+            for spec in specs:
+                self.add_vm(spec)
+            if options.control_path:
                 self.control_listener = self._listen(options.control_path, backlog=16)
-            except (RequestError, OSError):
-                self.vhost_listener.close()
-                os.unlink(options.socket_path)
-                raise
-        for listener in (self.vhost_listener, self.control_listener):
-            if listener is not None:
-                self._watch_listener(listener)
+                self._watch_listener(self.control_listener)
+        except (RequestError, OSError):
+            for vm in list(self.vms.values()):
+                self._close_vm(vm)
+            raise
 
-    # The one VM's objects, as tests and tools look at them.
+    # -- the registry -----------------------------------------------------------------------
+
+    def add_vm(self, spec: VmSpec) -> Vm:
+        """Start serving ``spec`` (listening on its socket); raises ``RequestError``."""
+        if spec.name in self.vms:
+            raise RequestError(f"there is a VM named {spec.name!r} already")
+        if len(self.vms) >= MAX_VMS:
+            raise RequestError(f"this server already serves {MAX_VMS} VMs")
+        if any(vm.spec.socket_path == spec.socket_path for vm in self.vms.values()):
+            raise RequestError(f"{spec.socket_path} is another VM's socket")
+        try:
+            listener = self._listen(spec.socket_path, backlog=1)
+        except OSError as exc:
+            raise RequestError(f"cannot listen on {spec.socket_path}: {exc.strerror}") from None
+        vm = Vm(self.loop, spec, listener, self.options.proxy,
+                on_change=lambda vm: self._check_waiters(), on_disconnect=self._vm_disconnected)
+        self.vms[spec.name] = vm
+        self._vm_listeners[listener.fileno()] = vm
+        self._watch_listener(listener)
+        log.info("vm %s: vhost-user socket %s", spec.name, spec.socket_path)
+        return vm
+
+    def remove_vm(self, name: str) -> None:
+        vm = self.vms.get(name)
+        if vm is None:
+            raise RequestError(f"no VM named {name!r}")
+        self._fail_waiters(vm, "the VM was removed")
+        self._close_vm(vm)
+        log.info("vm %s: removed", name)
+
+    def _close_vm(self, vm: Vm) -> None:
+        vm.terminate("the VM was removed" if self.running else "shutting down")
+        self.vms.pop(vm.name, None)
+        self._vm_listeners.pop(vm.listener.fileno(), None)
+        self.loop.unwatch(vm.listener)
+        vm.listener.close()
+        try:
+            os.unlink(vm.spec.socket_path)
+        except FileNotFoundError:
+            pass                                   # someone removed it already
+
+    def _single(self) -> Vm | None:
+        """The VM a request without ``vm`` means: the only one, else none."""
+        return next(iter(self.vms.values())) if len(self.vms) == 1 else self.vms.get(DEFAULT_VM)
+
+    def _resolve(self, message: dict) -> Vm:
+        name = message.get("vm")
+        if name is None:
+            vm = self._single() if len(self.vms) == 1 else None
+            if vm is None:
+                known = ", ".join(sorted(self.vms)) or "none yet"
+                raise RequestError(f"this server has {len(self.vms)} VMs: say which with "
+                                   f"--vm NAME (VMs: {known})")
+            return vm
+        vm = self.vms.get(check_name(name))
+        if vm is None:
+            raise RequestError(f"no VM named {name!r} (VMs: {', '.join(sorted(self.vms)) or 'none'})")
+        return vm
+
+    # The single VM's objects, as tests and tools of a one-VM server look at them.
+    @property
+    def frontend(self) -> VhostUserPeer | None:
+        vm = self._single()
+        return vm.frontend if vm is not None else None
+
+    @property
+    def connections(self) -> int:
+        vm = self._single()
+        return vm.connections if vm is not None else 0
+
     @property
     def device(self) -> VmDevice | None:
         return self.frontend.device if self.frontend is not None else None
@@ -154,8 +242,7 @@ class Server:
         Python cannot install signal handlers), as the tests do.
         """
         restore = self._install_signals() if install_signals else (lambda: None)
-        log.info("vhost-user socket %s, control socket %s: ready",
-                 self.options.socket_path, self.options.control_path)
+        log.info("%d VMs, control socket %s: ready", len(self.vms), self.options.control_path)
         try:
             self.loop.run_forever(lambda: self.running)
         finally:
@@ -182,23 +269,16 @@ class Server:
         self.loop.wake()
 
     def shutdown(self) -> None:
-        frontend = self.frontend
-        if frontend is not None:
-            # Nobody needs the worker's state any more: no graceful stop to wait for.
-            frontend.device.terminate()
-            frontend.close("shutting down")         # no-op if terminating already closed it
-        for device in list(self._stopping):
-            device.terminate()
-        self._stopping.clear()
+        self.running = False
+        for vm in list(self.vms.values()):
+            self._close_vm(vm)                      # nobody needs the workers' state any more
         for client in list(self.clients.values()):
             self._drop_client(client)
-        for sock, path in ((self.vhost_listener, self.options.socket_path),
-                           (self.control_listener, self.options.control_path)):
-            if sock is not None:
-                self.loop.unwatch(sock)
-                sock.close()
-                if path and os.path.exists(path):
-                    os.unlink(path)
+        if self.control_listener is not None:
+            self.loop.unwatch(self.control_listener)
+            self.control_listener.close()
+            if self.options.control_path and os.path.exists(self.options.control_path):
+                os.unlink(self.options.control_path)
         self.loop.close()
 
     # -- listeners ---------------------------------------------------------------------------
@@ -226,38 +306,20 @@ class Server:
             self.loop.call_later(delay, lambda: self._watch_listener(listener))
             return
         self._accept_backoff.pop(listener.fileno(), None)
-        if listener is self.vhost_listener:
-            self._accept_frontend(sock)
+        vm = self._vm_listeners.get(listener.fileno())
+        if vm is not None:
+            vm.accept(sock)
         else:
             self._accept_client(sock)
 
-    # -- the vhost-user front-end --------------------------------------------------------------
+    def _vm_disconnected(self, vm: Vm) -> None:
+        self._fail_waiters(vm, "the guest disconnected")
 
-    def _accept_frontend(self, conn: socket.socket) -> None:
-        if self.frontend is not None:
-            log.warning("a second front-end connected while one is served: refused")
-            conn.close()
-            return
-        self.connections += 1
-        device = VmDevice(self.loop, self.options.balloon, self.options.proxy)
-        device.listeners.append(self._check_waiters)
-        self.frontend = VhostUserPeer(self.loop, conn, device, self._frontend_closed)
-        log.info("front-end connected")
-
-    def _frontend_closed(self, why: str) -> None:
-        device = self.frontend.device
-        self.frontend = None
-        if device.state != "idle":
-            self._stopping.add(device)
-            device.listeners.append(lambda: self._stopped(device))
-        waiters, self.waiters = self.waiters, []
-        for waiter in waiters:
-            self._reply(waiter.client, {"id": waiter.ident, "ok": False,
-                                        "error": "the guest disconnected"})
-
-    def _stopped(self, device: VmDevice) -> None:
-        if device.state == "idle":
-            self._stopping.discard(device)
+    def _fail_waiters(self, vm: Vm, why: str) -> None:
+        theirs = [w for w in self.waiters if w.vm is vm]
+        self.waiters = [w for w in self.waiters if w.vm is not vm]
+        for waiter in theirs:
+            self._reply(waiter.client, {"id": waiter.ident, "ok": False, "error": why})
 
     # -- operator clients --------------------------------------------------------------------
 
@@ -312,27 +374,71 @@ class Server:
         ident = message.get("id")
         if not (ident is None or type(ident) is int):
             ident = None
-        device = self.device
+        cmd = message.get("cmd")
         try:
-            if message.get("cmd") == "wait" or message.get("cmd") == "stats" \
-                    and message.get("refresh") is True:
+            if cmd in SERVER_COMMANDS:
+                result = SERVER_COMMANDS[cmd](self, message)
+                self._reply(client, {"id": ident, "ok": True, **result})
+                return
+            if cmd == "set" and "targets" in message:
+                result = commands.set_many(self._devices_for(message), message)
+                self._reply(client, {"id": ident, "ok": True, **result})
+                return
+            vm = self._resolve(message)
+            device = vm.device
+            if cmd == "wait" or cmd == "stats" and message.get("refresh") is True:
                 self._check_wait_limits(client)
-            result = commands.handle(device, message)
+            result = commands.handle(device, {k: v for k, v in message.items() if k != "vm"})
         except RequestError as exc:
             self._reply(client, {"id": ident, "ok": False, "error": str(exc)})
             return
         if isinstance(result, commands.RefreshRequest):
             now = time.monotonic()
-            self.waiters.append(Waiter(client, ident, asked_at=now,
+            self.waiters.append(Waiter(client, ident, vm, asked_at=now,
                                        deadline=now + result.timeout))
             self._check_waiters()
             return
         if isinstance(result, commands.WaitRequest):
-            self.waiters.append(Waiter(client, ident, device.settle_watch(result.timeout,
-                                                                          result.stall)))
+            self.waiters.append(Waiter(client, ident, vm, device.settle_watch(result.timeout,
+                                                                              result.stall)))
             self._check_waiters()
             return
         self._reply(client, {"id": ident, "ok": True, **result})
+
+    def _devices_for(self, message: dict) -> dict[str, VmDevice | None]:
+        targets = message.get("targets")
+        if not isinstance(targets, dict) or not targets:
+            raise RequestError("'targets' must map VM names to sizes in bytes")
+        devices = {}
+        for name in targets:
+            devices[name] = self._resolve({"vm": name}).device
+        return devices
+
+    # -- server-level commands (no VM) -------------------------------------------------------
+
+    def _cmd_list(self, message: dict) -> dict:
+        commands.check_fields(message, set())
+        return {"vms": [commands.vm_summary(vm.name, vm.spec.socket_path, vm.device)
+                        for vm in sorted(self.vms.values(), key=lambda vm: vm.name)]}
+
+    def _cmd_add(self, message: dict) -> dict:
+        commands.check_fields(message, {"name", "socket", "options"})
+        socket_path = message.get("socket")
+        if type(socket_path) is not str:
+            raise RequestError("'socket' must be the path of the VM's vhost-user socket")
+        options = message.get("options", {})
+        if not isinstance(options, dict):
+            raise RequestError("'options' must be a map")
+        spec = VmSpec(check_name(message.get("name")), socket_path,
+                      options_from(options, self.options.balloon))
+        vm = self.add_vm(spec)
+        return commands.vm_summary(vm.name, vm.spec.socket_path, vm.device)
+
+    def _cmd_remove(self, message: dict) -> dict:
+        commands.check_fields(message, {"name"})
+        name = check_name(message.get("name"))
+        self.remove_vm(name)
+        return {"removed": name}
 
     def _check_wait_limits(self, client: Client) -> None:
         if len(self.waiters) >= MAX_WAITS:
@@ -347,7 +453,7 @@ class Server:
         if self.waiters:
             now = time.monotonic()
             done, self.waiters = self.waiters, []
-            body = None
+            bodies: dict[str, dict] = {}
             for waiter in done:
                 if waiter.client.sock.fileno() < 0:
                     continue                    # its client went away while we replied
@@ -355,7 +461,7 @@ class Server:
                     if not self._check_refresh(waiter, now):
                         self.waiters.append(waiter)
                     continue
-                device = self.device
+                device = waiter.vm.device
                 if device is None:
                     outcome = "disconnected"
                 else:
@@ -364,7 +470,9 @@ class Server:
                 if outcome is None:
                     self.waiters.append(waiter)
                     continue
-                body = body or commands.status(device)
+                body = bodies.get(waiter.vm.name)
+                if body is None:
+                    body = bodies[waiter.vm.name] = commands.status(device)
                 self._reply(waiter.client, {"id": waiter.ident, "ok": True,
                                             "outcome": outcome, **body})
         if self.waiters and (self._tick is None or not self._tick.pending):
@@ -372,7 +480,7 @@ class Server:
 
     def _check_refresh(self, waiter: Waiter, now: float) -> bool:
         """Answer a stats refresh if the guest sent newer values or time is up."""
-        device = self.device
+        device = waiter.vm.device
         updated = device.stats.updated_monotonic if device is not None else None
         if device is not None and updated is not None and updated > waiter.asked_at:
             self._reply(waiter.client, {"id": waiter.ident, "ok": True,
@@ -416,6 +524,9 @@ class Server:
         self.loop.unwatch(client.sock)
         client.sock.close()
         self.waiters = [w for w in self.waiters if w.client is not client]
+
+
+SERVER_COMMANDS = {"list": Server._cmd_list, "add": Server._cmd_add, "remove": Server._cmd_remove}
 
 
 def serve(options: ServeOptions) -> None:

@@ -43,8 +43,10 @@ from typing import Any
 from control import worker_ids
 from control.errors import WorkerError
 from control.loop import EventLoop, Timer
+from control.spawner import SPAWNER, Job
+from control.jailed import spawn_jailed_worker
 from control.workers import WorkerHandle, spawn_worker
-from device.balloon import QueueSpec, queue_layout
+from device.balloon import SECCOMP_POLICY, QueueSpec, queue_layout
 from device.command import (MAX_MESSAGE, Activate, CountersEvent, Envelope, ErrorEvent, Kill,
                             LogEvent, Message, PartialPage, Ping, ProtocolError, RegionSpec, Reply,
                             RingBases, RingSpec, SetCallFd, SetPoison, StatsEvent, UsedRing, decode,
@@ -55,6 +57,7 @@ log = logging.getLogger("vballoon.supervisor")
 
 IDLE, STARTING, ACTIVE, STOPPING = "idle", "starting", "active", "stopping"
 RESTARTING, FAILED, UNRESPONSIVE = "restarting", "failed", "unresponsive"
+SPAWN_WAIT = 6.0                # a jail's set-up deadline (5 s) and a margin
 MAX_OUTGOING = 64               # datagrams queued for a worker that is not reading
 MAX_READS_PER_WAKE = 64         # datagrams read from the worker before others get a turn
 GAUGES = frozenset({"pending_pages"})   # counters that are a level, not a running total
@@ -70,6 +73,9 @@ class ProxyOptions:
     request_timeout: float = 5.0      # a worker silent this long is unresponsive
     kill_grace: float = 1.0           # seconds a graceful stop may take before SIGKILL
     worker_ids: tuple[int, int] | None = None   # where each worker's own uid/gid comes from
+
+    def policy_path(self) -> Path:
+        return self.policy or SECCOMP_POLICY
 
     def acquire_id(self) -> int | None:
         """A uid of its own for the next jailed worker: from ``worker_ids`` (default
@@ -231,6 +237,8 @@ class Supervisor:
         self._start_error: str | None = None
         self._exit_fd = -1
         self._worker_id: int | None = None
+        self._job: Job | None = None                 # a jailed spawn under way
+        self._spawn_token: object | None = None
         self._carry = False
         self._denied: dict[str, int] = {}
         self.counters_base: dict[str, int] = {}      # summed over workers that ended
@@ -293,6 +301,14 @@ class Supervisor:
         for timer in (self._restart_timer, self._kill_timer):
             if timer is not None:
                 timer.cancel()
+        job, self._job, self._spawn_token = self._job, None, None
+        if job is not None:
+            # A jail being set up: wait for it (bounded by its set-up deadline) and end it
+            # here, since the loop may never run its callback once ``serve`` is gone.
+            result = job.wait(SPAWN_WAIT)
+            if isinstance(result, tuple):
+                result[0].release()
+                worker_ids.release(result[1])
         worker = self.worker
         pending: list[_Pending] = []
         if worker is not None:
@@ -376,19 +392,68 @@ class Supervisor:
         except OSError as exc:                 # out of fds: a failed start, not a stuck one
             self._start_failed(f"cannot make the worker's socket: {exc}")
             return
-        keep = sorted(activation.keep_fds() | {child_end.fileno()})
-        try:
-            self._worker_id = self.options.acquire_id()
-            # Bounded: the jail's set-up handshake has its own deadline (a few ms normally).
-            worker = spawn_worker(child_end, keep, self.options, self._worker_id)
-        except (WorkerError, OSError) as exc:
-            parent_end.close()
-            worker_ids.release(self._worker_id)
-            self._worker_id = None
-            self._start_failed(str(exc))
+        if not self.options.jail:              # a thread: nothing slow to wait for
+            try:
+                worker = spawn_worker(child_end, [], self.options)
+            except (WorkerError, OSError) as exc:
+                parent_end.close()
+                self._start_failed(str(exc))
+                return
+            finally:
+                child_end.close()
+            self._serve_with(worker, parent_end, activation, resume)
             return
-        finally:
+        # Jailed: the jail's set-up runs on the spawner thread with copies of the fds,
+        # each given to the worker under the number the activation names.
+        copies: dict[int, int] = {}
+        try:
+            for fd in sorted(activation.keep_fds()):
+                copies[os.dup(fd)] = fd
+        except OSError as exc:
+            for copy in copies:
+                os.close(copy)
+            parent_end.close()
             child_end.close()
+            self._start_failed(f"cannot hand the worker its fds: {exc}")
+            return
+        command_fd = child_end.detach()        # the job owns it from here
+        renumber = {**copies, command_fd: command_fd}
+        options = self.options
+
+        def run() -> tuple[WorkerHandle, int | None]:
+            ident = options.acquire_id()
+            try:
+                return spawn_jailed_worker(command_fd, sorted(renumber), options.policy_path(),
+                                           options.seccomp_mode, ident, renumber), ident
+            except BaseException:
+                worker_ids.release(ident)
+                raise
+        token = self._spawn_token = object()
+        self._job = SPAWNER.submit(Job(run, self.loop, lambda result: self._spawned(
+            token, result, parent_end, activation, resume), [*copies, command_fd]))
+
+    def _spawned(self, token: object, result: Any, parent_end: socket.socket,
+                 activation: Activation, resume: bool) -> None:
+        self._job = None
+        if isinstance(result, BaseException):
+            parent_end.close()
+            if token is self._spawn_token and self.state == STARTING:
+                self._start_failed(str(result))
+            elif not isinstance(result, (WorkerError, OSError)):
+                log.error("spawning a worker failed: %r", result)
+            return
+        worker, ident = result
+        if token is not self._spawn_token or self.state != STARTING:
+            # Stopped or terminated while its jail was being set up: not wanted any more.
+            parent_end.close()
+            worker.release()                   # SIGKILL and reap (a jail is quick to end)
+            worker_ids.release(ident)
+            return
+        self._worker_id = ident
+        self._serve_with(worker, parent_end, activation, resume)
+
+    def _serve_with(self, worker: WorkerHandle, parent_end: socket.socket,
+                    activation: Activation, resume: bool) -> None:
         self.worker = worker
         self._channel = _Channel(self.loop, parent_end, self._on_message, self._on_queue_full)
         self._exit_fd = worker.exit_fd()

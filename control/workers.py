@@ -89,7 +89,7 @@ class ThreadWorker:
 
 
 def spawn_worker(command: socket.socket, keep_fds: list[int], options,
-                 run_as: int | None = None) -> WorkerHandle:
+                 run_as: int | None = None, renumber: dict[int, int] | None = None) -> WorkerHandle:
     """Start a worker serving the command socket ``command`` (the child's end).
 
     ``keep_fds`` is everything the worker may hold. With ``options.jail`` it is forked into
@@ -98,4 +98,4 @@ def spawn_worker(command: socket.socket, keep_fds: list[int], options,
     if not options.jail:
         return ThreadWorker(command)
     return spawn_jailed_worker(command.fileno(), keep_fds, options.policy or SECCOMP_POLICY,
-                               options.seccomp_mode, run_as)
+                               options.seccomp_mode, run_as, renumber)
