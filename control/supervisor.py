@@ -42,6 +42,7 @@ from typing import Any
 
 from control import worker_ids
 from control.errors import WorkerError
+from control.logs import VmLog
 from control.loop import EventLoop, Timer
 from control.spawner import SPAWNER, Job
 from control.jailed import spawn_jailed_worker
@@ -135,8 +136,10 @@ class _Channel:
     """One worker's command socket: a bounded queue of datagrams out, decoded messages in."""
 
     def __init__(self, loop: EventLoop, sock: socket.socket,
-                 on_message: Callable[[Envelope], None], on_full: Callable[[], None]) -> None:
+                 on_message: Callable[[Envelope], None], on_full: Callable[[], None],
+                 logger: logging.LoggerAdapter | logging.Logger = log) -> None:
         self.loop = loop
+        self.log = logger
         self.sock = sock
         self.out: collections.deque[tuple[bytes, tuple[int, ...]]] = collections.deque()
         self.on_message = on_message
@@ -193,7 +196,7 @@ class _Channel:
             try:
                 envelope = decode(data)
             except ProtocolError as exc:
-                log.warning("worker sent a bad message: %s", exc)
+                self.log.warning("worker sent a bad message: %s", exc)
                 continue
             self.on_message(envelope)
 
@@ -215,8 +218,10 @@ class Supervisor:
     the worker's ``stats_event`` and ``counters`` events and ``"state"`` changes."""
 
     def __init__(self, loop: EventLoop, options: ProxyOptions,
-                 on_event: Callable[[str, dict], None] = lambda kind, body: None) -> None:
+                 on_event: Callable[[str, dict], None] = lambda kind, body: None,
+                 name: str = "") -> None:
         self.loop = loop
+        self.log = VmLog(log, name)
         self.options = options
         self.on_event = on_event
         self.state = IDLE
@@ -440,7 +445,7 @@ class Supervisor:
             if token is self._spawn_token and self.state == STARTING:
                 self._start_failed(str(result))
             elif not isinstance(result, (WorkerError, OSError)):
-                log.error("spawning a worker failed: %r", result)
+                self.log.error("spawning a worker failed: %r", result)
             return
         worker, ident = result
         if token is not self._spawn_token or self.state != STARTING:
@@ -455,7 +460,8 @@ class Supervisor:
     def _serve_with(self, worker: WorkerHandle, parent_end: socket.socket,
                     activation: Activation, resume: bool) -> None:
         self.worker = worker
-        self._channel = _Channel(self.loop, parent_end, self._on_message, self._on_queue_full)
+        self._channel = _Channel(self.loop, parent_end, self._on_message, self._on_queue_full,
+                                 self.log)
         self._exit_fd = worker.exit_fd()
         self.loop.watch(self._exit_fd, reader=self._on_exit)
         carry, self._carry = self._carry, False
@@ -485,7 +491,7 @@ class Supervisor:
             self._set_state(IDLE)
             done(WorkerError(f"the worker failed to activate: {why}"))
             return
-        log.error("restarting the worker failed: %s", why)
+        self.log.error("restarting the worker failed: %s", why)
         self._schedule_restart()
 
     # -- stopping --------------------------------------------------------------------------------
@@ -494,7 +500,7 @@ class Supervisor:
         if self.state != STOPPING:
             return
         if isinstance(result, WorkerError):
-            log.warning("graceful stop failed (%s); killing the worker", result)
+            self.log.warning("graceful stop failed (%s); killing the worker", result)
             self._kill()
             return
         self._stop_state = result
@@ -526,7 +532,7 @@ class Supervisor:
     def _kill_overdue(self) -> None:
         worker = self.worker
         if worker is not None:
-            log.warning("worker %d has not ended %.1f s after it was told to: SIGKILL",
+            self.log.warning("worker %d has not ended %.1f s after it was told to: SIGKILL",
                         worker.pid, self.options.kill_grace)
             worker.kill()
             if self._channel is not None and not self.options.jail:
@@ -555,7 +561,7 @@ class Supervisor:
             if unresponsive is not None:
                 how = f"{unresponsive}: {how}"
             self.last_exit = how
-            log.warning("worker %d ended: %s", worker.pid, how)
+            self.log.warning("worker %d ended: %s", worker.pid, how)
             self._schedule_restart()
         self._fail(pending, how)
 
@@ -577,7 +583,7 @@ class Supervisor:
         if seen:
             for name, count in seen.items():
                 self._denied[name] = self._denied.get(name, 0) + count
-            log.warning("seccomp log mode: the worker used syscalls outside its policy: %s",
+            self.log.warning("seccomp log mode: the worker used syscalls outside its policy: %s",
                         ", ".join(f"{name} x{count}" for name, count in sorted(seen.items())))
         final = self._stop_state.get("counters") if self._stop_state else None
         for name, value in (final or self.counters_current).items():
@@ -603,7 +609,7 @@ class Supervisor:
         self._restart_times = [t for t in self._restart_times
                                if now - t < self.options.restart_window] + [now]
         if len(self._restart_times) > self.options.max_restarts:
-            log.error("worker died %d times in %.0f s: not restarting",
+            self.log.error("worker died %d times in %.0f s: not restarting",
                       len(self._restart_times), self.options.restart_window)
             self._set_state(FAILED)
             return
@@ -650,7 +656,7 @@ class Supervisor:
         worker = self.worker
         self._unresponsive = why
         self._set_state(UNRESPONSIVE)
-        log.error("worker %s is %s: replacing it", getattr(worker, "pid", "?"), why)
+        self.log.error("worker %s is %s: replacing it", getattr(worker, "pid", "?"), why)
         self._kill()                       # its end is handled like any death
 
     def _on_message(self, envelope: Envelope) -> None:
@@ -667,14 +673,14 @@ class Supervisor:
             case LogEvent(level=level, message=text):
                 log.log(level, "worker: %s", text)
             case ErrorEvent(queue=queue, message=text):
-                log.warning("guest error on %s queue: %s", queue, text)
+                self.log.warning("guest error on %s queue: %s", queue, text)
             case CountersEvent(values=values):
                 self.counters_current = dict(values)
                 self.on_event("counters", {"values": values})
             case StatsEvent(values=values, updated=updated):
                 self.on_event("stats_event", {"values": values, "updated": updated})
             case other:
-                log.warning("worker sent a %s, which only the parent sends", other.TYPE)
+                self.log.warning("worker sent a %s, which only the parent sends", other.TYPE)
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
@@ -683,17 +689,18 @@ class Supervisor:
 
 
 def read_ring_bases(loop: EventLoop, options: ProxyOptions, activation: Activation,
-                    done: Done) -> None:
+                    done: Done, logger: logging.LoggerAdapter | logging.Logger = log) -> None:
     """Have a fresh worker read where each ring stands (its used index in guest memory),
     for when the serving one could not say: ``done({queue: index})`` or
     ``done(WorkerError)``, within ``request_timeout``. The parent never maps guest memory."""
-    _Probe(loop, options, activation, done).start()
+    _Probe(loop, options, activation, done, logger).start()
 
 
 class _Probe:
     def __init__(self, loop: EventLoop, options: ProxyOptions, activation: Activation,
-                 done: Done) -> None:
+                 done: Done, logger: logging.LoggerAdapter | logging.Logger = log) -> None:
         self.loop = loop
+        self.log = logger
         self.options = options
         self.activation = activation
         self.done: Done | None = done
@@ -720,7 +727,7 @@ class _Probe:
             return
         finally:
             child_end.close()
-        self.channel = _Channel(self.loop, parent_end, self._on_message, lambda: None)
+        self.channel = _Channel(self.loop, parent_end, self._on_message, lambda: None, self.log)
         self.exit_fd = self.worker.exit_fd()
         self.loop.watch(self.exit_fd, reader=self._on_exit)
         self.timer = self.loop.call_later(self.options.request_timeout, self._on_timeout)
@@ -734,7 +741,7 @@ class _Probe:
             self._finish(WorkerError(f"reading the ring bases failed: {reply.error}"))
             return
         bases = (reply.result or {}).get("ring_bases", {})
-        log.info("ring bases read from guest memory by a fresh worker: %s", bases)
+        self.log.info("ring bases read from guest memory by a fresh worker: %s", bases)
         self._finish({str(name): int(base) for name, base in bases.items()})
 
     def _on_timeout(self) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 
 from control import vhost_user as vu
 from control.errors import ControlError, WorkerError
+from control.logs import VmLog
 from control.vmdevice import VmDevice
 from device.balloon import (VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, QueueSpec,
                             feature_names)
@@ -118,6 +119,7 @@ class VhostUserSession:
     """
 
     def __init__(self, device: VmDevice, profile: FrontendProfile = DEFAULT_PROFILE) -> None:
+        self.log = VmLog(log, device.name)
         self.device = device
         self.profile = profile
         self.state = SessionState()
@@ -150,13 +152,13 @@ class VhostUserSession:
         closes the connection.
         """
         if isinstance(event, vu.RejectedRequest):
-            log.warning("refused vhost-user request %s: %s", event.request, event.error)
+            self.log.warning("refused vhost-user request %s: %s", event.request, event.error)
             return self._fail(event, conn)
-        log.debug("vhost-user %s", event)
+        self.log.debug("vhost-user %s", event)
         try:
             result = self._dispatch(event, conn)
         except (ControlError, DeviceError, OSError) as exc:
-            log.warning("vhost-user %s failed: %s", type(event).__name__, exc)
+            self.log.warning("vhost-user %s failed: %s", type(event).__name__, exc)
             return self._fail(event, conn)
         if isinstance(result, types.GeneratorType):
             return self._step(result, event, conn, None)
@@ -179,7 +181,7 @@ class VhostUserSession:
             except StopIteration as stop:
                 return self._done(stop.value, event, conn)
             except (ControlError, DeviceError, OSError) as exc:
-                log.warning("vhost-user %s failed: %s", type(event).__name__, exc)
+                self.log.warning("vhost-user %s failed: %s", type(event).__name__, exc)
                 return self._fail(event, conn)
             outcome: list = []
             waiting = [False]
@@ -295,7 +297,7 @@ class VhostUserSession:
             yield from self._stop()
         self.device.ack_features(virtio)
         self.state.features = event.features
-        log.info("guest negotiated %s", ", ".join(feature_names(virtio)) or "no features")
+        self.log.info("guest negotiated %s", ", ".join(feature_names(virtio)) or "no features")
         return None
 
     def _set_backend_req_fd(self, event: vu.SetBackendReqFd) -> None:
@@ -349,7 +351,7 @@ class VhostUserSession:
         sets them all up, and refusing one would keep the device from ever starting."""
         if self._extra(index) and index not in self._extra_logged:
             self._extra_logged.add(index)
-            log.warning("the front-end set up ring %d, beyond the %d queues the negotiated "
+            self.log.warning("the front-end set up ring %d, beyond the %d queues the negotiated "
                         "features use (%s): accepted and ignored (is num_vqs too large?)",
                         index, len(self.device.queue_names()),
                         ", ".join(self.device.queue_names()))
@@ -382,7 +384,7 @@ class VhostUserSession:
             try:
                 yield lambda done: self.device.swap_call_fd(event.index, event.fd, done)
             except WorkerError as exc:
-                log.info("handing the new call fd to the worker failed (%s): restarting it",
+                self.log.info("handing the new call fd to the worker failed (%s): restarting it",
                          exc)
             except BaseException:            # GeneratorExit too: the connection closed
                 os.close(event.fd)
@@ -427,7 +429,7 @@ class VhostUserSession:
     def notify_config_change(self) -> None:
         """Tell the front-end config space changed (BACKEND_CONFIG_CHANGE_MSG)."""
         if self.backend_req is None:
-            log.warning("config changed but the front-end gave no backend-request channel")
+            self.log.warning("config changed but the front-end gave no backend-request channel")
             return
         message = self.backend_sender.config_change_msg(need_reply=False)
         if len(self.backend_out) >= len(message):
@@ -445,7 +447,7 @@ class VhostUserSession:
         except BlockingIOError:
             return
         except OSError as exc:
-            log.warning("cannot send the config change to the front-end: %s", exc)
+            self.log.warning("cannot send the config change to the front-end: %s", exc)
             self.backend_out.clear()
             return
         del self.backend_out[:sent]
@@ -466,7 +468,7 @@ class VhostUserSession:
         """Log, once per connection, a likely VMM configuration mistake and its fix."""
         if key not in self._hints:
             self._hints.add(key)
-            log.warning("%s", text)
+            self.log.warning("%s", text)
 
     def _hint_config_size(self, size: int) -> None:
         if size < 8:
@@ -494,7 +496,7 @@ class VhostUserSession:
             ring.resume = False
             ring.state = STARTED
         self.state.active = True
-        log.info("device active: %d queues, %d MiB of guest memory, worker pid %s",
+        self.log.info("device active: %d queues, %d MiB of guest memory, worker pid %s",
                  len(specs), sum(r.size for r in self.state.regions) >> 20,
                  getattr(self.device.worker, "pid", "?"))
 
@@ -517,7 +519,7 @@ class VhostUserSession:
             try:
                 bases = yield self.device.read_ring_bases
             except WorkerError as exc:
-                log.error("cannot read where the rings stand: %s", exc)
+                self.log.error("cannot read where the rings stand: %s", exc)
         for name, ring in zip(names, self.state.vrings):
             if name in bases:
                 ring.base = bases[name]

@@ -21,6 +21,7 @@ import socket
 from collections.abc import Callable
 
 from control import vhost_user as vu
+from control.logs import VmLog
 from control.loop import EventLoop
 from control.vhost_backend import MAX_QUEUES, PENDING, FrontendGone, VhostUserSession
 from control.vmdevice import VmDevice
@@ -37,6 +38,7 @@ class VhostUserPeer:
     def __init__(self, loop: EventLoop, conn: socket.socket, device: VmDevice,
                  on_closed: Callable[[str], None]) -> None:
         self.loop = loop
+        self.log = VmLog(log, device.name)
         self.conn = conn
         self.device = device
         self.codec = vu.BackendConnection(max_queues=MAX_QUEUES)
@@ -106,7 +108,7 @@ class VhostUserPeer:
             self.close(f"vhost-user protocol error: {exc}")
 
     def _on_session_error(self, exc: BaseException | None) -> None:
-        log.exception("unexpected error serving the front-end", exc_info=exc or True)
+        self.log.exception("unexpected error serving the front-end", exc_info=exc or True)
         self.close("internal error")
 
     # -- writing ---------------------------------------------------------------------------------
@@ -128,11 +130,11 @@ class VhostUserPeer:
         del self.out[:sent]
         backlog = len(self.out)
         if not self.paused and backlog > FRONTEND_HIGH_WATER:
-            log.warning("the front-end does not read its replies (%d bytes unread): "
+            self.log.warning("the front-end does not read its replies (%d bytes unread): "
                         "not reading its requests until it does", backlog)
             self.paused = True
         elif self.paused and backlog <= FRONTEND_LOW_WATER:
-            log.info("the front-end reads its replies again")
+            self.log.info("the front-end reads its replies again")
             self.paused = False
         if backlog or self.paused or self._writing:
             self._update()        # the hot path (all sent, nothing was pending) skips this
@@ -188,7 +190,7 @@ class VhostUserPeer:
         if self.closed:
             return
         self.closed = True
-        log.info("%s: resetting the device", why)
+        self.log.info("%s: resetting the device", why)
         self.loop.unwatch(self.conn)
         if self._backend_req is not None:
             self.loop.unwatch(self._backend_req)

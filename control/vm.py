@@ -144,7 +144,7 @@ class Vm:
             conn.close()
             return
         self.connections += 1
-        device = VmDevice(self.loop, self.spec.balloon, self.proxy)
+        device = VmDevice(self.loop, self.spec.balloon, self.proxy, self.name)
         device.listeners.append(lambda: self._on_change(self))
         self.frontend = VhostUserPeer(self.loop, conn, device, self._closed)
         log.info("vm %s: front-end connected", self.name)

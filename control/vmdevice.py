@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from control.errors import RequestError, WorkerError
+from control.logs import VmLog
 from control.loop import EventLoop
 from control.supervisor import (ACTIVE, FAILED, IDLE, Activation, Done, ProxyOptions,
                                 Supervisor, read_ring_bases)
@@ -83,12 +84,14 @@ class VmDevice:
     """A balloon device whose queues a supervised jailed worker serves."""
 
     def __init__(self, loop: EventLoop, options: BalloonOptions = BalloonOptions(),
-                 proxy: ProxyOptions = ProxyOptions()) -> None:
+                 proxy: ProxyOptions = ProxyOptions(), name: str = "") -> None:
         self.loop = loop
+        self.name = name
+        self.log = VmLog(log, name)
         self.options = options
         self.proxy = proxy
         self.model = _Model(options, self)
-        self.supervisor = Supervisor(loop, proxy, self._on_worker_event)
+        self.supervisor = Supervisor(loop, proxy, self._on_worker_event, name)
         self.stats = StatsSnapshot()
         self.on_config_change: Callable[[], None] = lambda: None
         self.listeners: list[Callable[[], None]] = []   # anything changed (waits, status)
@@ -237,13 +240,13 @@ class VmDevice:
         """Restart a ``failed`` device (an operator's reset); False if it is not failed."""
         if self.state != FAILED or self.supervisor.activation is None:
             return False
-        log.info("restarting a failed device on the operator's request")
+        self.log.info("restarting a failed device on the operator's request")
         self.supervisor.start(self.supervisor.activation, self._on_recovered)
         return True
 
     def _on_recovered(self, error: Any) -> None:
         if error is not None:
-            log.error("the failed device could not be restarted: %s", error)
+            self.log.error("the failed device could not be restarted: %s", error)
 
     def read_ring_bases(self, done: Done) -> None:
         """Where each ring stands, read from guest memory by a fresh worker."""
@@ -251,7 +254,7 @@ class VmDevice:
         if activation is None:
             done(WorkerError("the device has no rings"))
             return
-        read_ring_bases(self.loop, self.proxy, activation, done)
+        read_ring_bases(self.loop, self.proxy, activation, done, self.supervisor.log)
 
     def swap_call_fd(self, index: int, fd: int, done: Done) -> None:
         """Hand queue ``index``'s new call fd to the serving worker (no restart)."""
@@ -323,7 +326,7 @@ class VmDevice:
             # The guest inflates without ever having read the target: it reads config
             # space elsewhere (QEMU with config_size=0 answers num_pages 0xFFFFFFFF itself).
             self._hinted = True
-            log.error("the guest inflates its balloon but never read config space from us: "
+            self.log.error("the guest inflates its balloon but never read config space from us: "
                       "with QEMU, give vhost-user-test-device-pci config_size=8 (the guest "
                       "now believes the target is everything and will run out of memory)")
         self.changed()
