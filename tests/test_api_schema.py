@@ -6,7 +6,7 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from control.api import Counters, Stats, Status
+from control.api import Counters, Stats, Status, VmSummary
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -33,6 +33,10 @@ def test_status_table_matches_the_status_type():
 
 def test_counters_table_matches_the_counters_type():
     assert _table_after("#### `counters`") == [f.name for f in fields(Counters)]
+
+
+def test_list_table_matches_the_vm_summary_type():
+    assert _table_after("#### `vballoon list --json`") == [f.name for f in fields(VmSummary)]
 
 
 def test_stats_table_matches_the_stats_type():
