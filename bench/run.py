@@ -22,12 +22,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))        # the fake driver lives in tests/
 
-from bench import footprint, kicks, qemu_side, realguest, serve, startup, throughput  # noqa: E402
+from bench import (footprint, kicks, many_vms, qemu_side, realguest, serve,  # noqa: E402
+                   startup, throughput)
 from bench.plot import write_plot  # noqa: E402
 from bench.results import Report  # noqa: E402
 from bench.system import GIB, MIB, Budget, cpu_pair, machine, machine_line, pinned  # noqa: E402
 
-SECTIONS = ("throughput", "startup", "footprint", "guest", "scaling", "kicks", "qemu")
+SECTIONS = ("throughput", "startup", "footprint", "guest", "scaling", "kicks", "qemu", "many")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class Plan:
     kick_seconds: float
     qemu_sizes: tuple[int, ...]
     qemu_runs: int
+    many_counts: tuple[int, ...]
+    many_idle: float
 
 
 FULL = Plan(budget=400, throughput_size=GIB, throughput_reps=5, activation_runs=30,
@@ -59,13 +62,14 @@ FULL = Plan(budget=400, throughput_size=GIB, throughput_reps=5, activation_runs=
             guest_runs=7, guest_mem_mib=1536, guest_placements=("same", "different"),
             trace_size=GIB, scaling_sizes=(256 * MIB, 512 * MIB, GIB, 2 * GIB, 4 * GIB),
             scaling_fixed=256 * MIB, scaling_full_limit=GIB, scaling_reps=3, kick_seconds=3.0,
-            qemu_sizes=(256 * MIB, 512 * MIB), qemu_runs=7)
+            qemu_sizes=(256 * MIB, 512 * MIB), qemu_runs=7, many_counts=(1, 10, 100),
+            many_idle=10.0)
 QUICK = Plan(budget=45, throughput_size=256 * MIB, throughput_reps=1, activation_runs=5,
              serve_runs=2, footprint_size=256 * MIB, guest_sizes=(64 * MIB, 256 * MIB),
              guest_runs=1, guest_mem_mib=512, guest_placements=("same",),
              trace_size=256 * MIB, scaling_sizes=(256 * MIB, GIB), scaling_fixed=64 * MIB,
              scaling_full_limit=256 * MIB, scaling_reps=1, kick_seconds=0.5,
-             qemu_sizes=(256 * MIB,), qemu_runs=1)
+             qemu_sizes=(256 * MIB,), qemu_runs=1, many_counts=(1, 4), many_idle=2.0)
 
 
 def log(message: str) -> None:
@@ -150,6 +154,10 @@ def run(plan: Plan, only: list[str], args: argparse.Namespace, argv: list[str] |
     if "qemu" in only:
         qemu_side.run_side_by_side(report, list(plan.qemu_sizes), plan.qemu_runs, device_cpu,
                                    Budget(plan.budget), log)
+    if "many" in only:
+        many_vms.run_many(report, list(plan.many_counts), {device_cpu},
+                          {other_cpu, device_cpu}, plan.many_idle, log)
+        _many_goals(report)
     _footprint_goal(report)
 
     if args.profile:
@@ -230,6 +238,26 @@ def _footprint_goal(report: Report) -> None:
     else:
         report.goal("jailed worker < 15 MiB unique (USS excluding guest memory)",
                     "jailed mode not available", None)
+
+
+def _many_goals(report: Report) -> None:
+    def at_most(name: str) -> tuple[float, int] | None:
+        rows = [r for r in report.results if r.name == name and r.value is not None]
+        if not rows:
+            return None
+        top = max(rows, key=lambda r: r.conditions["vms"])
+        return top.value, top.conditions["vms"]
+    for name, text, limit, unit in (
+            ("many_vms_pss_per_vm", "<= 5 MiB PSS per VM at N = 100", 5.0, "MiB"),
+            ("many_vms_idle_wakeups_per_vm", "zero wake-ups per second for an idle device", 0.0, "/s"),
+            ("many_vms_status_cli", "vballoon status end to end <= 60 ms", 60.0, "ms"),
+            ("many_vms_resize_socket", "all N targets set and settled <= 3 s", 3.0, "s")):
+        got = at_most(name)
+        if got is None:
+            report.goal(text, "not measured", None)
+        else:
+            value, count = got
+            report.goal(text, f"{value:.2f} {unit} at N = {count}", value <= limit)
 
 
 def _profile(plan: Plan, out: Path) -> None:

@@ -39,7 +39,10 @@ class ServeProcess:
     """
 
     def __init__(self, workdir: Path, name: str, jail: bool, cpus: set[int] | None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), vms: tuple[str, ...] = ()) -> None:
+        self.workdir = workdir
+        self.name = name
+        self.vms = vms                  # served with --vm NAME=SOCKET each, instead of --socket
         self.socket_path = str(workdir / f"{name}.vhost")
         self.control_path = str(workdir / f"{name}.ctl")
         self.log_path = workdir / f"{name}.log"
@@ -55,8 +58,10 @@ class ServeProcess:
         return self.proc.pid
 
     def start(self) -> None:
-        args = [*vballoon_command(), "serve", "--socket", self.socket_path,
-                "--control", self.control_path, "--log-level", "warning"]
+        where = [arg for vm in self.vms for arg in ("--vm", f"{vm}={self.vm_socket(vm)}")] \
+            if self.vms else ["--socket", self.socket_path]
+        args = [*vballoon_command(), "serve", *where, "--control", self.control_path,
+                "--log-level", "warning"]
         if not self.jail:
             args.append("--no-jail")
         args.extend(self.extra_args)
@@ -80,13 +85,16 @@ class ServeProcess:
                                  f"{self.log_tail()}")
             try:
                 with ControlClient(self.control_path, timeout=2.0) as client:
-                    client.request("status")
+                    client.request("list")
                 return time.monotonic() - self.started
             except (ServerUnavailable, OSError, TimeoutError):
                 pass
             if time.monotonic() >= deadline:
                 raise ServeError(f"vballoon serve not ready after {timeout} s: {self.log_tail()}")
             time.sleep(0.002)
+
+    def vm_socket(self, vm: str) -> str:
+        return str(self.workdir / f"{self.name}-{vm}.vhost")
 
     def client(self, timeout: float = 10.0) -> ControlClient:
         return ControlClient(self.control_path, timeout=timeout)
@@ -150,7 +158,7 @@ class ServeProcess:
             proc.wait(timeout)
         finally:
             _LIVE.discard(self)
-            for path in (self.socket_path, self.control_path):
+            for path in (self.socket_path, self.control_path, *map(self.vm_socket, self.vms)):
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
