@@ -3,9 +3,9 @@
 N real UML guests of 64 MiB, each on its own vhost-user socket of one ``serve --vm ...``,
 all active. Measured from outside, as an operator would:
 
-- device memory per VM: PSS summed over every process of the server (the parent, each
-  jailed worker and its reaper), guest memory mappings excluded (they are the guest's RAM,
-  shared with UML), divided by N;
+- device memory per VM: PSS summed over every process of the server (the parent and each
+  jailed worker; any other process of its tree is counted too), guest memory mappings
+  excluded (they are the guest's RAM, shared with UML), divided by N;
 - idle cost per device: context switches (wake-ups) and CPU time of every thread of those
   processes over an idle window, after the guests settled;
 - start-up: ``serve`` answering, and every VM active after the guests booted;
@@ -32,7 +32,7 @@ from guest.uml import GuestConfig, UmlGuest
 GUEST_MIB = 64
 RESIZE_BYTES = 16 * MIB
 HEADERS = ["VMs", "PSS per VM MiB", "parent PSS MiB", "worker PSS MiB (mean)",
-           "reaper PSS MiB (mean)", "idle wake-ups/s per VM", "idle CPU ms/s (all)",
+           "other processes", "idle wake-ups/s per VM", "idle CPU ms/s (all)",
            "serve ready s", "all active s", "status via CLI ms (median)",
            "resize all: CLI s", "resize all: socket s"]
 
@@ -41,7 +41,8 @@ def run_many(report: Report, counts: list[int], device_cpus: set[int], guest_cpu
              idle_seconds: float, log: Callable[[str], None]) -> None:
     table = report.table("8. One serve, many VMs (UML guests of 64 MiB, all active)", HEADERS)
     table.notes.append(
-        "PSS summed over serve's processes (parent, every jailed worker and its reaper), "
+        "PSS summed over serve's processes (the parent and every jailed worker; no other "
+        "process stays), "
         "shared mappings (guest RAM) excluded, divided by the number of VMs. Wake-ups are "
         "voluntary + involuntary context switches of every thread of those processes during "
         f"{idle_seconds:g} s with every guest idle. Resizing sets every VM's balloon to "
@@ -103,7 +104,7 @@ def _one(report: Report, count: int, device_cpus: set[int], guest_cpus: set[int]
     report.add("many_vms_resize_socket", socket_s, "s", **cond)
     report.add("many_vms_all_active", active, "s", **cond)
     return [str(count), fmt(per_vm / MIB, 2), fmt(memory["parent"] / MIB, 1),
-            fmt(memory["worker"] / MIB, 2), fmt(memory["reaper"] / MIB, 2),
+            fmt(memory["worker"] / MIB, 2), str(memory["others"]),
             fmt(wakeups / count, 2), fmt(cpu, 2), fmt(ready, 2), fmt(active, 1),
             fmt(status_ms, 0), fmt(cli_s, 2), fmt(socket_s, 2)]
 
@@ -153,7 +154,7 @@ def _pss_unshared(pid: int) -> int:
 
 
 def _memory(tree: list[int]) -> dict[str, float]:
-    kinds: dict[str, list[int]] = {"parent": [], "worker": [], "reaper": []}
+    kinds: dict[str, list[int]] = {"parent": [], "worker": [], "other": []}
     for pid in tree:
         try:
             pss = _pss_unshared(pid)
@@ -161,11 +162,11 @@ def _memory(tree: list[int]) -> dict[str, float]:
                 comm = f.read().strip()
         except OSError:
             continue
-        kind = "parent" if pid == tree[0] else ("worker" if comm == "vballoon-worker" else "reaper")
+        kind = "parent" if pid == tree[0] else ("worker" if comm == "vballoon-worker" else "other")
         kinds[kind].append(pss)
     return {"total": sum(sum(v) for v in kinds.values()), "parent": sum(kinds["parent"]),
             "worker": statistics.mean(kinds["worker"]) if kinds["worker"] else 0,
-            "reaper": statistics.mean(kinds["reaper"]) if kinds["reaper"] else 0}
+            "others": len(kinds["other"])}
 
 
 def _switches_and_cpu(pids: list[int]) -> tuple[int, float]:

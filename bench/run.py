@@ -69,7 +69,7 @@ QUICK = Plan(budget=45, throughput_size=256 * MIB, throughput_reps=1, activation
              guest_runs=1, guest_mem_mib=512, guest_placements=("same",),
              trace_size=256 * MIB, scaling_sizes=(256 * MIB, GIB), scaling_fixed=64 * MIB,
              scaling_full_limit=256 * MIB, scaling_reps=1, kick_seconds=0.5,
-             qemu_sizes=(256 * MIB,), qemu_runs=1, many_counts=(1, 4), many_idle=2.0)
+             qemu_sizes=(256 * MIB,), qemu_runs=1, many_counts=(1, 10), many_idle=2.0)
 
 
 def log(message: str) -> None:

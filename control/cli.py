@@ -9,8 +9,6 @@ Exit status: 0 success, 1 an error (refused request, no server, timeout, stalled
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import re
 import sys
 import time
@@ -174,6 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
     from control.server import ServeOptions, serve
     from control.vm import parse_vm
     from device.balloon import BalloonOptions
+    import logging
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.no_jail:
@@ -282,7 +281,7 @@ def _reset(client: ControlClient, args: argparse.Namespace) -> int:
 def _status(client: ControlClient, args: argparse.Namespace) -> int:
     status = client.request("status", **_vm(args))
     if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+        _print_json(status)
         return 0
     rows = [("state", status["state"]),
             ("target", human(status["target_bytes"])),
@@ -309,7 +308,7 @@ def _stats(client: ControlClient, args: argparse.Namespace) -> int:
     else:
         stats = client.request("stats", **_vm(args))
     if args.json:
-        print(json.dumps(stats, indent=2, sort_keys=True))
+        _print_json(stats)
         return 0
     memory = {"free_memory", "total_memory", "available_memory", "disk_caches"}
     rows = [(name, human(value) if name in memory and value is not None else
@@ -322,6 +321,11 @@ def _stats(client: ControlClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_json(value: object) -> None:
+    import json                      # only here: every import costs each CLI start
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
 def _table(rows: list[tuple[str, object]]) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -331,7 +335,7 @@ def _table(rows: list[tuple[str, object]]) -> None:
 def _list(client: ControlClient, args: argparse.Namespace) -> int:
     vms = client.request("list")["vms"]
     if args.json:
-        print(json.dumps(vms, indent=2, sort_keys=True))
+        _print_json(vms)
         return 0
     header = ("NAME", "STATE", "TARGET", "ACTUAL", "MEMORY", "WORKER", "RESTARTS")
     rows = [header] + [(vm["name"], vm["state"], human(vm["target_bytes"]),

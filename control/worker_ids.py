@@ -1,6 +1,6 @@
 """A uid (and a gid of the same number) for each jailed worker that no other process uses.
 
-When ``serve`` runs as root, each worker (and its reaper) switches to its own uid, so no
+When ``serve`` runs as root, each worker switches to its own uid, so no
 other process on the host can signal it, ptrace it or read its ``/proc`` files: not another
 VM's worker, not some unrelated process running as ``nobody``. The uid comes from a range
 (``--worker-ids FIRST-LAST``, default ``DEFAULT_WORKER_IDS``) and is skipped if this

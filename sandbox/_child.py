@@ -1,18 +1,22 @@
-"""What runs between fork() and the callable: the reaper, then the worker.
+"""What runs between fork() and the callable: the set-up process, then the worker.
 
 ::
 
-    parent ──fork──> reaper ──unshare(pid, net, ipc, uts, mount[, user])──fork──> worker (pid 1)
-                     fds, namespaces, empty root,                                rlimits, name,
-                     privileges dropped, waits for                               parent-death signal,
-                     the worker, then ends the same way                          seccomp, "ready",
+    parent ──fork──> set-up ──unshare(pid, net, ipc, uts, mount[, user])──fork──> worker (pid 1)
+    (a child         fds, namespaces, empty root,                                waits for set-up
+    subreaper)       privileges dropped, sends                                   to end, parent-
+                     the worker's pid, exits                                     death signal,
+                                                                                 rlimits, name,
+                                                                                 seccomp, "ready",
                                                                                  callable, os._exit
 
-A new pid namespace only applies to the children of the process that creates
-it, hence two processes. The reaper is the worker's parent: it reaps it and
-then ends with the same exit code or signal, so the parent learns the worker's
-fate by waiting for its own child. Each process dies with its parent
-(PR_SET_PDEATHSIG), so killing the parent takes down both.
+A new pid namespace only applies to the children of the process that creates it, hence two
+processes. The set-up process does not stay: once it has told the parent the worker's pid it
+exits, and the kernel hands the worker to the parent, a child subreaper
+(PR_SET_CHILD_SUBREAPER), which then waits for the worker itself. So no process per worker
+only waits (issue 12.4). The worker arms its parent-death signal only after that hand-over
+(a pidfd of the set-up process tells it: readable once the kernel reparented its children),
+so it dies with the parent, not with the set-up process.
 
 Both processes run only code from this module until the callable starts, end
 with os._exit (never returning into the caller's stack) and report any failure
@@ -23,7 +27,6 @@ from __future__ import annotations
 
 import array
 import errno
-import fcntl
 import gc
 import os
 import resource
@@ -39,7 +42,7 @@ import prctl
 
 from sandbox import channel, syscalls
 from sandbox.errors import JailSetupError
-from sandbox.fds import FdPlan, arrange_fds, close_all_except, ensure_fd_room
+from sandbox.fds import FdPlan, arrange_fds, ensure_fd_room
 from sandbox.status import EXIT_CALLABLE_RAISED, EXIT_PARENT_GONE, EXIT_SETUP_FAILED
 from sandbox.syscalls import LoadableFilter
 
@@ -59,7 +62,10 @@ NAMESPACE_FLAGS = (
 )
 EMPTY_ROOT_OPTIONS = "size=4k,nr_inodes=2,mode=0555"
 MAP_WAIT = 30.0
-"""Seconds the reaper waits for the parent to map its user namespace."""
+SETUP_EXIT_WAIT = 30.0
+"""Seconds the worker waits for the set-up process to end (it ends at once; the parent's own
+set-up deadline kills both long before)."""
+"""Seconds the set-up process waits for the parent to map its user namespace."""
 
 
 @dataclass(frozen=True)
@@ -127,18 +133,18 @@ class _Exit:
 
 
 # ---------------------------------------------------------------------------
-# The reaper.
+# The set-up process.
 # ---------------------------------------------------------------------------
 
 
-def run_reaper(plan: ChildPlan, channel_fd: int, target: Callable[[], object]) -> NoReturn:
+def run_setup(plan: ChildPlan, channel_fd: int, target: Callable[[], object]) -> NoReturn:
     """Entry point of the forked child. Never returns."""
     exit_ = _Exit()
     try:
         # Garbage the parent left in reference cycles must never be collected
         # here: a finaliser would close an fd number that now means something else.
         gc.freeze()
-        _reaper(plan, channel_fd, target, exit_)
+        _setup(plan, channel_fd, target, exit_)
     finally:
         os._exit(exit_.code)
 
@@ -150,7 +156,7 @@ def _report(sock: socket.socket, err: JailSetupError) -> None:
         pass  # the parent is gone or stopped listening; exiting is all that is left
 
 
-def _reaper(plan: ChildPlan, channel_fd: int, target: Callable[[], object], exit_: _Exit) -> None:
+def _setup(plan: ChildPlan, channel_fd: int, target: Callable[[], object], exit_: _Exit) -> None:
     # Wrapped now, long before any filter: making the object probes the fd
     # (getsockname), and sendmsg is then the only syscall sending costs.
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=channel_fd)
@@ -183,9 +189,7 @@ def _reaper(plan: ChildPlan, channel_fd: int, target: Callable[[], object], exit
     except JailSetupError as err:
         _report(sock, err)
         return
-    sock.detach()
-    close_all_except([plan.fds.lifeline_write])
-    exit_.code = _wait_and_mirror(worker)
+    exit_.code = 0               # done: the worker goes to the parent when we end
 
 
 def _still_wanted(plan: ChildPlan) -> bool:
@@ -319,48 +323,18 @@ def _fork_worker(plan: ChildPlan, sock: socket.socket, target: Callable[[], obje
         pid = os.fork()
     if pid == 0:
         run_worker(plan, sock, target)
-    os.close(plan.fds.lifeline_read)
+    os.close(plan.fds.lifeline)
     return pid
 
 
 def _make_lifeline(fds: FdPlan) -> None:
-    """A pipe at fds.lifeline_read / fds.lifeline_write.
-
-    pipe2() may return exactly those numbers (or swapped), so both ends are first
-    moved above them, and only then placed: no dup2 can clobber the other end.
-    """
-    above = fds.lifeline_write + 1
-    ensure_fd_room(above + 2)
-    read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    parked = [fcntl.fcntl(end, fcntl.F_DUPFD_CLOEXEC, above) for end in (read_end, write_end)]
-    os.close(read_end)
-    os.close(write_end)
-    os.dup2(parked[0], fds.lifeline_read)
-    os.dup2(parked[1], fds.lifeline_write)
-    for fd in parked:
-        os.close(fd)
-
-
-def _wait_and_mirror(pid: int) -> int:
-    """Wait for the worker and end the way it ended; the exit code if it exited."""
-    prctl.set_name("jail-reaper")
-    while True:
-        _, status = os.waitpid(pid, 0)
-        # A worker that made itself traced (possible in log mode) reports
-        # stops too; only an ending counts.
-        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-            break
-    if os.WIFEXITED(status):
-        return os.WEXITSTATUS(status)
-    signum = os.WTERMSIG(status)
-    # Re-raising the signal must not dump this process's core.
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    prctl.set_dumpable(False)
-    if signum not in (signal.SIGKILL, signal.SIGSTOP):
-        signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
-    os.kill(os.getpid(), signum)
-    return 128 + signum  # only reached for a signal whose default is to ignore
+    """A pidfd of this (set-up) process at fds.lifeline, for the worker to watch: it turns
+    readable only once this process has ended and the kernel has reparented its children."""
+    ensure_fd_room(fds.lifeline + 1)
+    pidfd = os.pidfd_open(os.getpid())
+    if pidfd != fds.lifeline:
+        os.dup2(pidfd, fds.lifeline, inheritable=False)
+        os.close(pidfd)
 
 
 # ---------------------------------------------------------------------------
@@ -396,19 +370,24 @@ def _exit_code(code: object) -> int:
 
 def _jail_worker(plan: ChildPlan, sock: socket.socket, exit_: _Exit) -> bool:
     """The worker's own set-up steps; True when jailed and the parent told."""
-    os.close(plan.fds.lifeline_write)
     try:
+        with step("parent-death"):
+            # Our parent is the set-up process until it ends; armed before, the signal
+            # would fire then. So: wait for it to end (it does right after telling the
+            # parent our pid), arm it (the parent is now the subreaper), then check the
+            # parent did not go meanwhile (its end of the channel hangs up).
+            if not _readable(plan.fds.lifeline, SETUP_EXIT_WAIT):
+                raise JailSetupError("parent-death", errno.ETIMEDOUT, "the set-up process did not end")
+            os.close(plan.fds.lifeline)
+            prctl.set_pdeathsig(signal.SIGKILL)
+            if _hung_up(sock):
+                exit_.code = EXIT_PARENT_GONE
+                return False
         with step("rlimits"):
             _set_limits(plan)
         with step("name"):
             prctl.set_name(plan.name)
             prctl.set_dumpable(plan.dumpable)
-        with step("parent-death"):
-            prctl.set_pdeathsig(signal.SIGKILL)
-            if _reaper_gone(plan.fds.lifeline_read):
-                exit_.code = EXIT_PARENT_GONE
-                return False
-            os.close(plan.fds.lifeline_read)
         _load_filter_and_say_ready(plan, sock)
     except JailSetupError as err:
         _report(sock, err)
@@ -432,12 +411,18 @@ def _set_limits(plan: ChildPlan) -> None:
             resource.setrlimit(limit, (value, value))
 
 
-def _reaper_gone(lifeline: int) -> bool:
-    """The reaper holds the other end of the lifeline pipe: readable means gone.
-    (getppid() cannot tell: from inside the pid namespace it is always 0.)"""
+def _readable(fd: int, timeout: float) -> bool:
     poller = select.poll()
-    poller.register(lifeline, select.POLLIN)
-    return bool(poller.poll(0))
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """The parent's end of the channel is closed: it is gone. (getppid() cannot tell: from
+    inside the pid namespace it is always 0.)"""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP)
+    return any(mask & (select.POLLRDHUP | select.POLLHUP) for _, mask in poller.poll(0))
 
 
 def _load_filter_and_say_ready(plan: ChildPlan, sock: socket.socket) -> None:

@@ -3,10 +3,10 @@
 A SOCK_SEQPACKET socketpair (message boundaries kept, fds passed with
 SCM_RIGHTS). Messages, each a msgpack array of at most MAX_MESSAGE bytes:
 
-    ["userns"]                          from the reaper, when the parent maps its user
+    ["userns"]                          from the set-up process, when the parent maps its user
                                         namespace (subordinate ids); it then waits for
     ["mapped"]                          from the parent, the maps written
-    ["pid", host_pid]                   from the reaper, with a pidfd of the worker
+    ["pid", host_pid]                   from the set-up process, with a pidfd of the worker
     ["ready"]                           from the worker, jailed; in log mode with
                                         the seccomp listener fd
     ["error", step, errno, detail]      from either, then it exits

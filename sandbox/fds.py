@@ -9,7 +9,8 @@ Layout of the worker's fd table (N = RLIMIT_NOFILE of the worker)::
     targets         the keep fds, at their own numbers or renumbered
     < N             free slots for what the worker opens itself (epoll, mmap dups)
     N               the set-up channel to the parent, closed before the callable runs
-    N+1, N+2        the "lifeline" pipe from the reaper, closed before the callable runs
+    N+1             the "lifeline": a pidfd of the set-up process, closed before the
+                    callable runs
 
 The channel sits at N, a number no fd can take once RLIMIT_NOFILE is N, so the
 seccomp rule that lets the worker close it and send on it dies with it.
@@ -50,12 +51,8 @@ class FdPlan:
         return self.nofile
 
     @property
-    def lifeline_read(self) -> int:
+    def lifeline(self) -> int:
         return self.nofile + 1
-
-    @property
-    def lifeline_write(self) -> int:
-        return self.nofile + 2
 
     @property
     def worker_fds(self) -> frozenset[int]:

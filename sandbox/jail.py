@@ -32,8 +32,10 @@ Lifecycle of a `JailedChild`::
                         ├─ kill() (SIGKILL) ───────────────────────────┤─> ended ─ wait()/poll() ─> reaped
                         └─ denied syscall (seccomp, SIGSYS) ───────────┘
 
-PR_SET_PDEATHSIG is tied to the *thread* that forks: spawn from a thread that
-lives as long as the child should (e.g. the main thread).
+`spawn` makes the calling process a child subreaper (PR_SET_CHILD_SUBREAPER): the
+set-up process that forks the worker into its namespaces ends at once, and the worker
+becomes this process's child. Its parent-death signal is then tied to this process's
+first live thread (normally the main thread): the worker dies with the process.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Mapping, Sequence, cast
 
+import prctl
 import pyseccomp
 
 from sandbox import _child, channel, idmap
@@ -153,28 +156,25 @@ class JailConfig:
 
 class JailedChild:
     """A running (or ended) jailed child. Use from one thread; always `wait()`
-    or `close()` it (or use it as a context manager, which kills on exit)."""
+    or `close()` it (or use it as a context manager, which kills on exit).
 
-    def __init__(self, pid: int, reaper_pid: int, reaper_pidfd: int, worker_pidfd: int, log: DenialLog | None):
+    The worker is a direct child of the process that spawned it (a child subreaper: the
+    set-up process that forked it into its namespaces has ended), so it is waited for
+    and its status read directly."""
+
+    def __init__(self, pid: int, pidfd: int, log: DenialLog | None):
         self._pid = pid
-        self._reaper_pid = reaper_pid
-        self._reaper_pidfd = reaper_pidfd
-        self._worker_pidfd = worker_pidfd
+        self._pidfd = pidfd
         self._log = log
         self._status: ExitStatus | None = None
-        # Closes the pidfds if the handle is dropped, but only in this process:
-        # a forked child running a finaliser would close numbers it reused.
-        self._finalizer = weakref.finalize(self, _close_fds_if_owner, os.getpid(), [reaper_pidfd, worker_pidfd])
+        # Closes the pidfd if the handle is dropped, but only in this process:
+        # a forked child running a finaliser would close a number it reused.
+        self._finalizer = weakref.finalize(self, _close_fds_if_owner, os.getpid(), [pidfd])
 
     @property
     def pid(self) -> int:
         """Host pid of the process running the callable (pid 1 inside its namespace)."""
         return self._pid
-
-    @property
-    def reaper_pid(self) -> int:
-        """Host pid of the intermediate process that waits for the worker."""
-        return self._reaper_pid
 
     @property
     def status(self) -> ExitStatus | None:
@@ -184,14 +184,14 @@ class JailedChild:
     def fileno(self) -> int:
         """A pidfd that becomes readable (for poll/epoll/selectors) once the child
         has ended and `poll()` will return its status without blocking."""
-        if self._reaper_pidfd < 0:
+        if self._pidfd < 0:
             raise ValueError("JailedChild is closed")
-        return self._reaper_pidfd
+        return self._pidfd
 
     def poll(self) -> ExitStatus | None:
         """The status if the child has ended (reaping it), else None."""
         if self._status is None:
-            pid, status = os.waitpid(self._reaper_pid, os.WNOHANG)
+            pid, status = os.waitpid(self._pid, os.WNOHANG)
             if pid == 0:
                 return None
             self._reaped(status)
@@ -200,9 +200,9 @@ class JailedChild:
     def wait(self, timeout: float | None = None) -> ExitStatus:
         """Wait for the child to end. Raises WaitTimeout after `timeout` seconds."""
         if self._status is None:
-            if not _wait_readable(self._reaper_pidfd, timeout):
+            if not _wait_readable(self._pidfd, timeout):
                 raise WaitTimeout(f"jailed child {self._pid} still running after {timeout} s")
-            _, status = os.waitpid(self._reaper_pid, 0)
+            _, status = os.waitpid(self._pid, 0)
             self._reaped(status)
         assert self._status is not None
         return self._status
@@ -213,9 +213,9 @@ class JailedChild:
         if self._status is not None:
             return
         try:
-            signal.pidfd_send_signal(self._worker_pidfd, signal.SIGKILL)
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
         except ProcessLookupError:
-            pass  # already ended; the reaper reports how
+            pass  # already ended; waiting reports how
 
     def denials(self) -> dict[str, int]:
         """In log mode, syscall name -> times the policy would have denied it
@@ -227,12 +227,12 @@ class JailedChild:
         return {} if self._log is None else self._log.examples()
 
     def close(self) -> None:
-        """Kill the child if it still runs, reap it and release the pidfds."""
+        """Kill the child if it still runs, reap it and release the pidfd."""
         if self._status is None:
             self.kill()
             self.wait(REAP_GRACE)
         self._finalizer()
-        self._reaper_pidfd = self._worker_pidfd = -1
+        self._pidfd = -1
 
     def __enter__(self) -> JailedChild:
         return self
@@ -283,10 +283,13 @@ def spawn(target: Callable[[], object], config: JailConfig) -> JailedChild:
     """
     _check_open(config.keep_fds)
     plan = _make_plan(config)
+    # The worker's set-up process ends once it forked it; the kernel then hands the worker
+    # to the nearest child subreaper: this process, which waits for it itself.
+    prctl.set_child_subreaper(1)
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        pid, reaper_pidfd = _fork(plan, parent_end, child_end, target)
-        return _handshake(parent_end, pid, reaper_pidfd, plan, config)
+        pid, setup_pidfd = _fork(plan, parent_end, child_end, target)
+        return _handshake(parent_end, pid, setup_pidfd, plan, config)
     finally:
         parent_end.close()
         child_end.close()
@@ -306,7 +309,7 @@ def _check_open(fds: Sequence[int]) -> None:
 def _fork(
     plan: _child.ChildPlan, parent_end: socket.socket, child_end: socket.socket, target: Callable[[], object]
 ) -> tuple[int, int]:
-    """Fork the reaper; (its pid, a pidfd for it). Raises JailSetupError("fork")."""
+    """Fork the set-up process; (its pid, a pidfd for it). Raises JailSetupError("fork")."""
     try:
         pid = os.fork()
     except OSError as exc:
@@ -314,7 +317,7 @@ def _fork(
     if pid == 0:
         # The socket objects must never close "their" numbers in the child.
         parent_end.detach()
-        _child.run_reaper(plan, child_end.detach(), target)
+        _child.run_setup(plan, child_end.detach(), target)
     child_end.close()
     try:
         return pid, os.pidfd_open(pid)
@@ -324,7 +327,7 @@ def _fork(
         raise JailSetupError("fork", exc.errno or 0, f"pidfd_open: {exc}") from None
 
 
-def _handshake(sock: socket.socket, reaper: int, reaper_pidfd: int, plan: _child.ChildPlan, config: JailConfig) -> JailedChild:
+def _handshake(sock: socket.socket, setup: int, setup_pidfd: int, plan: _child.ChildPlan, config: JailConfig) -> JailedChild:
     deadline = time.monotonic() + config.setup_timeout
     worker_pid, worker_pidfd, listener, ready, mapped = 0, -1, -1, False, False
     succeeded = False
@@ -332,14 +335,14 @@ def _handshake(sock: socket.socket, reaper: int, reaper_pidfd: int, plan: _child
         while not (ready and worker_pid):
             message = channel.receive(sock, deadline)
             if message is None:
-                raise _ended_early(reaper, reaper_pidfd, worker_pidfd)
+                raise _ended_early(setup, setup_pidfd, worker_pid, worker_pidfd)
             if message.kind == "error":
                 _close_all(message.fds)
                 step, err, detail = cast("tuple[str, int, str]", message.fields)
                 raise JailSetupError(step, err, detail)
             if message.kind == "userns" and plan.map_ids is not None and not mapped and not message.fds:
                 uid, gid = plan.map_ids
-                idmap.write_maps(reaper, uid, gid, deadline - time.monotonic())
+                idmap.write_maps(setup, uid, gid, deadline - time.monotonic())
                 channel.send(sock, channel.encode_mapped())
                 mapped = True
             elif message.kind == "pid" and not worker_pid and len(message.fds) == 1:
@@ -350,32 +353,40 @@ def _handshake(sock: socket.socket, reaper: int, reaper_pidfd: int, plan: _child
             else:
                 _close_all(message.fds)
                 raise JailSetupError("handshake", errno.EPROTO, f"unexpected {message.kind!r} message")
+        # "ready" comes after the set-up process ended (the worker waits for that): reap it.
+        if _reap(setup, setup_pidfd) is None:
+            raise JailSetupError("handshake", errno.ETIMEDOUT, "the set-up process did not end")
         log = DenialLog(listener) if listener >= 0 else None
-        child = JailedChild(worker_pid, reaper, reaper_pidfd, worker_pidfd, log)
+        child = JailedChild(worker_pid, worker_pidfd, log)
         succeeded = True
         return child
     finally:
         if not succeeded:
-            _abandon(reaper, reaper_pidfd, worker_pidfd)
-            _close_all([worker_pidfd, listener, reaper_pidfd])
+            _abandon(setup, setup_pidfd, worker_pid, worker_pidfd)
+            _close_all([worker_pidfd, listener])
+        os.close(setup_pidfd)
 
 
-def _ended_early(reaper: int, reaper_pidfd: int, worker_pidfd: int) -> JailSetupError:
+def _ended_early(setup: int, setup_pidfd: int, worker: int, worker_pidfd: int) -> JailSetupError:
     """The channel closed without "ready": say how the child ended."""
-    status = _reap(reaper, reaper_pidfd, worker_pidfd)
+    status = _reap(setup, setup_pidfd, worker_pidfd)
+    if worker and status is not None:
+        status = _reap(worker, worker_pidfd)         # ours since the set-up process ended
     step = "seccomp" if status is not None and status.killed_by_seccomp else "handshake"
     how = status.describe() if status is not None else "did not end"
     return JailSetupError(step, errno.ESRCH, f"the child ended before it was jailed: {how}")
 
 
-def _abandon(reaper: int, reaper_pidfd: int, worker_pidfd: int) -> None:
+def _abandon(setup: int, setup_pidfd: int, worker: int, worker_pidfd: int) -> None:
     """Kill and reap whatever is left of a child whose set-up failed."""
-    try:
-        os.waitid(os.P_PID, reaper, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return  # already reaped by _ended_early
-    _kill(worker_pidfd, reaper_pidfd)
-    _reap(reaper, reaper_pidfd, worker_pidfd)
+    _kill(worker_pidfd, setup_pidfd)
+    for pid, pidfd in ((setup, setup_pidfd), (worker, worker_pidfd)):
+        if pid and pidfd >= 0:
+            try:
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                continue            # reaped already (by _ended_early), or never ours
+            _reap(pid, pidfd)
 
 
 def _kill(*pidfds: int) -> None:
@@ -387,13 +398,16 @@ def _kill(*pidfds: int) -> None:
                 pass  # ended meanwhile
 
 
-def _reap(reaper: int, reaper_pidfd: int, worker_pidfd: int) -> ExitStatus | None:
-    """Reap the reaper, killing it (and the worker) if it does not end at once."""
-    if not _wait_readable(reaper_pidfd, REAP_GRACE):
-        _kill(worker_pidfd, reaper_pidfd)
-        if not _wait_readable(reaper_pidfd, REAP_GRACE):
+def _reap(pid: int, pidfd: int, *also: int) -> ExitStatus | None:
+    """Reap ``pid``, killing it (and the ``also`` pidfds) if it does not end at once."""
+    if not _wait_readable(pidfd, REAP_GRACE):
+        _kill(pidfd, *also)
+        if not _wait_readable(pidfd, REAP_GRACE):
             return None  # cannot happen for a SIGKILLed child; never block forever
-    _, status = os.waitpid(reaper, 0)
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return None      # not ours (yet): a worker whose set-up process still runs
     return ExitStatus.from_wait_status(status)
 
 

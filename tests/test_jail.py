@@ -579,11 +579,12 @@ def test_child_dies_when_its_parent_is_sigkilled(as_user: AsUser) -> None:
         os.close(pids_w)
         try:
             data = Reporter.read_exactly(pids_r, 8, time.monotonic() + DEADLINE)
-            worker, reaper = struct.unpack("=ii", data)
+            worker, parent = struct.unpack("=ii", data)
             assert not process_gone(worker)
+            assert parent == intermediate                 # no process in between that waits
             os.kill(intermediate, signal.SIGKILL)
             os.waitpid(intermediate, 0)
-            wait_until(lambda: process_gone(worker) and process_gone(reaper), what="the jailed child to die")
+            wait_until(lambda: process_gone(worker), what="the jailed child to die")
         finally:
             for fd in (pids_r, hold_r, hold_w):
                 os.close(fd)
@@ -597,7 +598,7 @@ def _intermediate(pids_w: int, hold_r: int) -> None:
     """A parent that spawns a jail, says the pids, then waits to be SIGKILLed."""
     try:
         child = spawn(wait_for_read(3), JailConfig(keep_fds=[hold_r], renumber=3, seccomp=BALLOON))
-        os.write(pids_w, struct.pack("=ii", child.pid, child.reaper_pid))
+        os.write(pids_w, struct.pack("=ii", child.pid, int(proc_status(child.pid)["PPid"])))
         select.select([], [], [])
     finally:
         os._exit(0)
@@ -663,7 +664,7 @@ def test_namespaces_without_privilege_fail_at_the_namespaces_step() -> None:
 
 
 def test_the_parent_maps_the_user_namespace_to_the_ids_asked_for() -> None:
-    """map_ids: the child (reaper and worker) runs as host ids other than the caller's,
+    """map_ids: the child runs as host ids other than the caller's,
     with no supplementary group and no capability (as root the parent writes the maps)."""
     if not running_as_root():
         pytest.skip("as root the parent writes the maps itself; unprivileged: test_worker_ids.py")
@@ -673,7 +674,7 @@ def test_the_parent_maps_the_user_namespace_to_the_ids_asked_for() -> None:
                         map_ids=(ident, ident), dumpable=True)
     try:
         with jailed(wait_for_read(3), config) as child:
-            statuses = [proc_status(child.pid), proc_status(child.reaper_pid)]
+            statuses = [proc_status(child.pid)]
             os.write(hold_w, b"x")
             assert child.wait(DEADLINE).describe() == "exited with code 0"
     finally:
