@@ -144,6 +144,7 @@ class QemuConfig:
     image_dir: str | os.PathLike[str] = DEFAULT_QEMU_DIR
     extra_args: tuple[str, ...] = ()
     kernel_args: tuple[str, ...] = ()      # appended to the guest kernel's command line
+    reconnect_ms: int = 0                  # the chardev reconnects to a restarted back-end
     boot_timeout: float = 60.0
 
     def __post_init__(self) -> None:
@@ -179,7 +180,8 @@ class QemuConfig:
                  " ".join((KERNEL_CMDLINE, *self.kernel_args))]
         if self.vhost_socket is not None:
             args += [
-                "-chardev", f"socket,id=vb,path={_qemu_opt(self.vhost_socket)}",
+                "-chardev", f"socket,id=vb,path={_qemu_opt(self.vhost_socket)}"
+                + (f",reconnect-ms={self.reconnect_ms}" if self.reconnect_ms else ""),
                 "-device",
                 f"vhost-user-test-device-pci,chardev=vb,virtio-id={VIRTIO_ID_BALLOON},"
                 f"num_vqs={self.num_vqs},config_size={self.config_size}",
