@@ -45,6 +45,7 @@ from control.errors import WorkerError
 from control.logs import VmLog
 from control.loop import EventLoop, Timer
 from control.spawner import SPAWNER, Job
+from control.zygote import ZYGOTE, ZygoteUnavailable
 from control.jailed import spawn_jailed_worker
 from control.workers import WorkerHandle, spawn_worker
 from device.balloon import SECCOMP_POLICY, QueueSpec, queue_layout
@@ -74,6 +75,7 @@ class ProxyOptions:
     request_timeout: float = 5.0      # a worker silent this long is unresponsive
     kill_grace: float = 1.0           # seconds a graceful stop may take before SIGKILL
     worker_ids: tuple[int, int] | None = None   # where each worker's own uid/gid comes from
+    zygote: bool = True               # jailed workers fork from the small zygote process
 
     def policy_path(self) -> Path:
         return self.policy or SECCOMP_POLICY
@@ -428,6 +430,12 @@ class Supervisor:
         def run() -> tuple[WorkerHandle, int | None]:
             ident = options.acquire_id()
             try:
+                if options.zygote and options.seccomp_mode == "kill":
+                    try:
+                        return ZYGOTE.spawn(renumber, command_fd, options.policy_path(), ident), ident
+                    except ZygoteUnavailable as exc:
+                        if exc.first:
+                            log.warning("%s: forking workers from serve itself", exc.strerror)
                 return spawn_jailed_worker(command_fd, sorted(renumber), options.policy_path(),
                                            options.seccomp_mode, ident, renumber), ident
             except BaseException:

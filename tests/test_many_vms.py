@@ -312,3 +312,53 @@ def test_a_hostile_neighbour_does_not_delay_or_change_a_healthy_vm(tmp_path, hos
         if neighbour is not None:
             neighbour.close()
         server.stop()
+
+
+# -- footprint: no process per VM that only waits, workers forked from the zygote ------------
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def test_workers_fork_from_one_zygote_and_no_process_per_vm_only_waits(many):
+    server, guests, client, _ = many
+    workers = [vm["worker_pid"] for vm in client.request("list")["vms"]]
+    parents = {int(_status_field(pid, "PPid")) for pid in workers}
+    assert len(parents) == 1                                   # one zygote for every VM
+    (zygote,) = parents
+    assert _comm(zygote) == "vballoon-zygote"
+    assert sorted(_children(zygote)) == sorted(workers)          # nothing else of ours waits
+    # The zygote is small: what a worker inherits copy-on-write is a fraction of serve.
+    assert _rss(zygote) < _rss(os.getpid())
+    # If the zygote dies, its workers die with it, and the next spawn starts a new one:
+    # every VM serves again, each with its rings resumed.
+    os.kill(zygote, signal.SIGKILL)
+    wait_for(lambda: all(vm["worker_pid"] not in workers and vm["state"] == "active"
+                         for vm in client.request("list")["vms"]), timeout=15,
+             what="every VM served by a worker of a new zygote")
+    client.request("set", vm="a", size=4 * MIB)
+    guests["a"].driver.inflate(4 * MIB // PAGE)
+    assert client.request("wait", vm="a", timeout=5)["outcome"] == "settled"
+
+
+def _status_field(pid: int, name: str) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line for line in f if line.startswith(name + ":")).split()[1]
+
+
+def _rss(pid: int) -> int:
+    return int(_status_field(pid, "VmRSS"))

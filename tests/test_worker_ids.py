@@ -73,7 +73,6 @@ def test_each_worker_runs_as_an_id_no_other_process_uses(devices):
         assert len(uids) == 1 and uids == gids            # real, effective, saved, fs alike
         (uid,) = uids
         assert low <= uid <= high and uid != 65534
-        assert int(_status(proxy.worker.pid)["PPid"]) == os.getpid()   # nothing in between
         seen.append(uid)
     assert seen[0] != seen[1]
     # Nothing else on the host runs with them.
