@@ -32,7 +32,7 @@ from guest.uml import GuestConfig, UmlGuest
 GUEST_MIB = 64
 RESIZE_BYTES = 16 * MIB
 HEADERS = ["VMs", "PSS per VM MiB", "parent PSS MiB", "worker PSS MiB (mean)",
-           "other processes", "idle wake-ups/s per VM", "idle CPU ms/s (all)",
+           "other processes (the zygote)", "idle wake-ups/s per VM", "idle CPU ms/s (all)",
            "serve ready s", "all active s", "status via CLI ms (median)",
            "resize all: CLI s", "resize all: socket s"]
 
@@ -41,8 +41,8 @@ def run_many(report: Report, counts: list[int], device_cpus: set[int], guest_cpu
              idle_seconds: float, log: Callable[[str], None]) -> None:
     table = report.table("8. One serve, many VMs (UML guests of 64 MiB, all active)", HEADERS)
     table.notes.append(
-        "PSS summed over serve's processes (the parent and every jailed worker; no other "
-        "process stays), "
+        "PSS summed over serve's processes (the parent, the zygote every worker is forked "
+        "from, and every jailed worker; nothing else stays), "
         "shared mappings (guest RAM) excluded, divided by the number of VMs. Wake-ups are "
         "voluntary + involuntary context switches of every thread of those processes during "
         f"{idle_seconds:g} s with every guest idle. Resizing sets every VM's balloon to "
