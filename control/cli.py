@@ -90,8 +90,33 @@ def _parser() -> argparse.ArgumentParser:
                             "narrows your subordinate ids in /etc/subuid and /etc/subgid)")
     serve.add_argument("--no-jail", action="store_true",
                        help="DEBUG ONLY: run the worker unjailed, as a thread")
+    serve.add_argument("--host-budget", metavar="SIZE", default=None,
+                       help="autopilot: the memory all guests together may hold; past it the "
+                            "host counts as short")
     serve.add_argument("--log-level", default="info",
                        choices=("debug", "info", "warning", "error"))
+
+    pilot = sub.add_parser("autopilot", help="let the balloon size itself")
+    pilot_sub = pilot.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("enable", "put a VM under autopilot"),
+                         ("disable", "take a VM off autopilot"),
+                         ("status", "what the autopilot sees and decided")):
+        p = pilot_sub.add_parser(action, help=text)
+        p.add_argument("--control", default=DEFAULT_CONTROL, help="control socket path")
+        if action == "status":
+            p.add_argument("name", nargs="?", help="one VM (default: all)")
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        else:
+            p.add_argument("name", help="the VM")
+        if action == "enable":
+            p.add_argument("--floor", metavar="SIZE",
+                           help="memory the guest always keeps (default: a quarter, >= 64M)")
+            p.add_argument("--reserve", metavar="SIZE",
+                           help="available memory inflating leaves the guest (default: an "
+                                "eighth, >= 32M)")
+            p.add_argument("--ceiling", metavar="SIZE", help="the largest balloon")
+            p.add_argument("--dry-run", action="store_true",
+                           help="decide and log, change nothing")
 
     for verb, text in (("set", "set the balloon size"), ("adjust", "move the target by pages"),
                        ("status", "show the balloon's state"), ("stats", "show guest stats"),
@@ -139,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "set":
             args.targets = _targets(args.size, args.vm)   # bad sizes: said before connecting
+        if args.verb == "autopilot" and args.action == "enable":
+            for key in ("floor", "reserve", "ceiling"):
+                value = getattr(args, key)
+                setattr(args, key, None if value is None else parse_size(value))
         with ControlClient(args.control) as client:
             return _VERBS[args.verb](client, args)
     except (ControlError, TimeoutError, ValueError) as exc:
@@ -178,6 +207,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.no_jail:
         logging.getLogger("vballoon").warning(
             "--no-jail: the worker runs UNJAILED in this process; for debugging only")
+    from control.autopilot import Tuning
     balloon = BalloonOptions(stats=not args.no_stats, deflate_on_oom=args.deflate_on_oom,
                              free_page_reporting=args.free_page_reporting,
                              page_poison=not args.no_page_poison,
@@ -187,7 +217,9 @@ def _serve(args: argparse.Namespace) -> int:
             socket_path=args.socket, control_path=args.control, balloon=balloon,
             proxy=ProxyOptions(jail=not args.no_jail, seccomp_mode=args.seccomp,
                                worker_ids=args.worker_ids),
-            vms=tuple(parse_vm(text, balloon) for text in args.vm))
+            vms=tuple(parse_vm(text, balloon) for text in args.vm),
+            autopilot=Tuning(host_budget=None if args.host_budget is None
+                             else parse_size(args.host_budget)))
         if not options.specs():
             raise RequestError("give --socket PATH or --vm NAME=SOCKET (at least one VM)")
         serve(options)
@@ -205,6 +237,8 @@ def _set(client: ControlClient, args: argparse.Namespace) -> int:
         statuses = client.request("set", targets=args.targets)["vms"]
     for name, status in statuses.items():
         print(f"{name + ': ' if name else ''}target {human(status['target_bytes'])}")
+        if status.get("autopilot"):
+            print(f"{name + ': ' if name else ''}autopilot {status['autopilot']}")
     if not args.wait:
         return 0
     deadline = time.monotonic() + args.timeout
@@ -368,8 +402,38 @@ def _remove(client: ControlClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _autopilot(client: ControlClient, args: argparse.Namespace) -> int:
+    if args.action == "status":
+        reply = client.request("autopilot", action="status", **({"vm": args.name} if args.name else {}))
+        if args.json:
+            _print_json(reply)
+            return 0
+        for vm in reply["vms"]:
+            state = ("on (dry run)" if vm["dry_run"] else "on") if vm["enabled"] else "off"
+            rows = [("vm", vm["name"]), ("autopilot", state),
+                    ("target", human(vm["target_bytes"])), ("actual", human(vm["actual_bytes"]))]
+            if vm["enabled"]:
+                rows += [("floor / reserve", f"{human(vm['floor_bytes'])} / "
+                                              f"{human(vm['reserve_bytes'])}"),
+                         ("last decision", vm["last_decision"] or "-"),
+                         ("pressure", ", ".join(vm["pressure"]) or "none"),
+                         ("available", human(vm["signals"].get("available_memory")))]
+            _table(rows)
+            print()
+        return 0
+    extra = {}
+    if args.action == "enable":
+        extra = {key: getattr(args, key) for key in ("floor", "reserve", "ceiling")
+                 if getattr(args, key) is not None}
+        extra["dry_run"] = args.dry_run
+    reply = client.request("autopilot", action=args.action, vm=args.name, **extra)
+    print(f"{args.name}: autopilot {'on' if reply['enabled'] else 'off'}"
+          + (" (dry run)" if reply.get("dry_run") else ""))
+    return 0
+
+
 _VERBS = {"set": _set, "adjust": _adjust, "status": _status, "stats": _stats, "reset": _reset,
-          "list": _list, "add": _add, "remove": _remove}
+          "list": _list, "add": _add, "remove": _remove, "autopilot": _autopilot}
 
 
 if __name__ == "__main__":

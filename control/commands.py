@@ -16,7 +16,8 @@ from control.errors import RequestError
 from control.vmdevice import VmDevice
 from device.balloon import PAGE_SIZE, feature_names
 
-COMMANDS = ("status", "stats", "set", "adjust", "wait", "reset", "list", "add", "remove")
+COMMANDS = ("status", "stats", "set", "adjust", "wait", "reset", "list", "add", "remove",
+            "autopilot")
 MAX_WAIT = 3600.0
 DEFAULT_REFRESH_WAIT = 2.0
 MAX_REFRESH_WAIT = 60.0

@@ -29,6 +29,10 @@ import time
 from dataclasses import dataclass, field
 
 from control import commands
+from control.autopilot import Tuning
+from control.pilot import Pilot
+from control.spawner import SPAWNER, Job
+from control.zygote import ZYGOTE
 from control.errors import RequestError
 from control.jailed import load_policy
 from control.loop import EventLoop, Timer
@@ -63,6 +67,7 @@ class ServeOptions:
     balloon: BalloonOptions = BalloonOptions()
     proxy: ProxyOptions = ProxyOptions()
     vms: tuple[VmSpec, ...] = ()
+    autopilot: Tuning = Tuning()
 
     def specs(self) -> list[VmSpec]:
         specs = ([VmSpec(DEFAULT_VM, self.socket_path, self.balloon)] if self.socket_path
@@ -107,6 +112,7 @@ class Server:
         self.waiters: list[Waiter] = []
         self._tick: Timer | None = None
         self._accept_backoff: dict[int, float] = {}
+        self.pilot = Pilot(self.loop, options.autopilot, lambda: self.vms)
         specs = options.specs()
         if not specs and not options.control_path:
             raise RequestError("nothing to serve: give --socket, --vm or --control (to add "
@@ -115,6 +121,8 @@ class Server:
             # Fail at start-up, not at the guest's first connection, if the policy is bad;
             # and have it parsed (and the jail imported) before the guest waits on it.
             load_policy(options.proxy.policy or SECCOMP_POLICY)
+            if options.proxy.zygote and options.proxy.seccomp_mode == "kill":
+                SPAWNER.submit(Job(ZYGOTE.warm, self.loop, lambda result: None, []))
         self.control_listener = None
         try:
             for spec in specs:
@@ -142,7 +150,7 @@ class Server:
         except OSError as exc:
             raise RequestError(f"cannot listen on {spec.socket_path}: {exc.strerror}") from None
         vm = Vm(self.loop, spec, listener, self.options.proxy,
-                on_change=lambda vm: self._check_waiters(), on_disconnect=self._vm_disconnected)
+                on_change=self._vm_changed, on_disconnect=self._vm_disconnected)
         self.vms[spec.name] = vm
         self._vm_listeners[listener.fileno()] = vm
         self._watch_listener(listener)
@@ -154,6 +162,7 @@ class Server:
         if vm is None:
             raise RequestError(f"no VM named {name!r}")
         self._fail_waiters(vm, "the VM was removed")
+        self.pilot.disable(name, "the VM was removed")
         self._close_vm(vm)
         log.info("vm %s: removed", name)
 
@@ -312,8 +321,13 @@ class Server:
         else:
             self._accept_client(sock)
 
+    def _vm_changed(self, vm: Vm) -> None:
+        self._check_waiters()
+        self.pilot.on_change(vm)
+
     def _vm_disconnected(self, vm: Vm) -> None:
         self._fail_waiters(vm, "the guest disconnected")
+        self.pilot.disable(vm.name, "the guest disconnected")
 
     def _fail_waiters(self, vm: Vm, why: str) -> None:
         theirs = [w for w in self.waiters if w.vm is vm]
@@ -382,6 +396,8 @@ class Server:
                 return
             if cmd == "set" and "targets" in message:
                 result = commands.set_many(self._devices_for(message), message)
+                for name in result["vms"]:
+                    self._manual(name)
                 self._reply(client, {"id": ident, "ok": True, **result})
                 return
             vm = self._resolve(message)
@@ -389,6 +405,9 @@ class Server:
             if cmd == "wait" or cmd == "stats" and message.get("refresh") is True:
                 self._check_wait_limits(client)
             result = commands.handle(device, {k: v for k, v in message.items() if k != "vm"})
+            if cmd in ("set", "adjust") and self._manual(vm.name):
+                result = {**result, "autopilot": "off: a manual target takes the VM off "
+                                                 "autopilot"}
         except RequestError as exc:
             self._reply(client, {"id": ident, "ok": False, "error": str(exc)})
             return
@@ -404,6 +423,11 @@ class Server:
             self._check_waiters()
             return
         self._reply(client, {"id": ident, "ok": True, **result})
+
+    def _manual(self, name: str) -> bool:
+        """A manual target on a VM under autopilot takes it off autopilot (always: the
+        operator's word wins, and the reply says so)."""
+        return self.pilot.disable(name, "a manual target")
 
     def _devices_for(self, message: dict) -> dict[str, VmDevice | None]:
         targets = message.get("targets")
@@ -433,6 +457,37 @@ class Server:
                       options_from(options, self.options.balloon))
         vm = self.add_vm(spec)
         return commands.vm_summary(vm.name, vm.spec.socket_path, vm.device)
+
+    def _cmd_autopilot(self, message: dict) -> dict:
+        commands.check_fields(message, {"action", "floor", "reserve", "ceiling", "dry_run"})
+        action = message.get("action")
+        if action == "status":
+            names = [message["vm"]] if message.get("vm") is not None else sorted(self.vms)
+            for name in names:
+                self._resolve({"vm": name})
+            return {"vms": [self.pilot.status(name) for name in names],
+                    "host": None if self.pilot.last_host is None else
+                    {"available_bytes": self.pilot.last_host.available_bytes,
+                     "psi_some_avg10": self.pilot.last_host.psi_some_avg10},
+                    "host_budget_bytes": self.options.autopilot.host_budget}
+        vm = self._resolve(message)
+        if action == "disable":
+            if not self.pilot.disable(vm.name):
+                raise RequestError(f"VM {vm.name!r} is not under autopilot")
+            return self.pilot.status(vm.name)
+        if action == "enable":
+            sizes = {}
+            for key in ("floor", "reserve", "ceiling"):
+                value = message.get(key)
+                if value is not None and (type(value) is not int or value < 0):
+                    raise RequestError(f"{key!r} must be a size in bytes")
+                sizes[key] = value
+            dry_run = message.get("dry_run", False)
+            if type(dry_run) is not bool:
+                raise RequestError("'dry_run' must be true or false")
+            return self.pilot.enable(vm, sizes["floor"], sizes["reserve"], sizes["ceiling"],
+                                     dry_run)
+        raise RequestError(f"unknown autopilot action {action!r}: enable, disable or status")
 
     def _cmd_remove(self, message: dict) -> dict:
         commands.check_fields(message, {"name"})
@@ -526,7 +581,8 @@ class Server:
         self.waiters = [w for w in self.waiters if w.client is not client]
 
 
-SERVER_COMMANDS = {"list": Server._cmd_list, "add": Server._cmd_add, "remove": Server._cmd_remove}
+SERVER_COMMANDS = {"list": Server._cmd_list, "add": Server._cmd_add, "remove": Server._cmd_remove,
+                   "autopilot": Server._cmd_autopilot}
 
 
 def serve(options: ServeOptions) -> None:

@@ -163,6 +163,15 @@ class Zygote:
             ours.setblocking(False)
             return RemoteWorker(int(reply["pid"]), pidfd, ours)
 
+    def warm(self) -> None:
+        """Start the zygote now (``serve``'s start), so the first guest does not wait for it."""
+        with self._lock:
+            if self.unavailable is None:
+                try:
+                    self._connection()
+                except ZygoteUnavailable:
+                    pass                 # said at the first spawn, which forks from serve
+
     def _reply(self, sock: socket.socket) -> tuple[dict, int]:
         if not _readable(sock.fileno(), REPLY_TIMEOUT):
             raise ZygoteError(errno.ETIMEDOUT, "the zygote did not answer in time")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from control.autopilot import Tuning
 from control.client import ControlClient
 from control.proxy import ProxyOptions
 from control.server import ServeOptions
@@ -44,9 +45,9 @@ class Rig:
 
 
 def start_rig(tmp_path, balloon: BalloonOptions = BalloonOptions(), name: str = "a",
-              kernel_args: tuple[str, ...] = ()) -> Rig:
+              kernel_args: tuple[str, ...] = (), autopilot: Tuning = Tuning()) -> Rig:
     options = ServeOptions(str(tmp_path / f"vhost-{name}.sock"), str(tmp_path / f"ctl-{name}.sock"),
-                           balloon, ProxyOptions(jail=JAIL))
+                           balloon, ProxyOptions(jail=JAIL), autopilot=autopilot)
     server = ServerThread(options)
     guest = UmlGuest(GuestConfig(mem_mib=GUEST_MIB, vhost_socket=options.socket_path,
                                  extra_args=kernel_args))
