@@ -22,13 +22,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))        # the fake driver lives in tests/
 
-from bench import (footprint, kicks, many_vms, qemu_side, realguest, serve,  # noqa: E402
-                   startup, throughput)
+from bench import (autopilot_eval, footprint, kicks, many_vms, qemu_side,  # noqa: E402
+                   realguest, serve, startup, throughput)
 from bench.plot import write_plot  # noqa: E402
 from bench.results import Report  # noqa: E402
 from bench.system import GIB, MIB, Budget, cpu_pair, machine, machine_line, pinned  # noqa: E402
 
-SECTIONS = ("throughput", "startup", "footprint", "guest", "scaling", "kicks", "qemu", "many")
+SECTIONS = ("throughput", "startup", "footprint", "guest", "scaling", "kicks", "qemu", "many",
+            "autopilot")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class Plan:
     qemu_runs: int
     many_counts: tuple[int, ...]
     many_idle: float
+    pilot_guests: int
+    pilot_seconds: float
 
 
 FULL = Plan(budget=400, throughput_size=GIB, throughput_reps=5, activation_runs=30,
@@ -63,13 +66,14 @@ FULL = Plan(budget=400, throughput_size=GIB, throughput_reps=5, activation_runs=
             trace_size=GIB, scaling_sizes=(256 * MIB, 512 * MIB, GIB, 2 * GIB, 4 * GIB),
             scaling_fixed=256 * MIB, scaling_full_limit=GIB, scaling_reps=3, kick_seconds=3.0,
             qemu_sizes=(256 * MIB, 512 * MIB), qemu_runs=7, many_counts=(1, 10, 100),
-            many_idle=10.0)
+            many_idle=10.0, pilot_guests=4, pilot_seconds=60.0)
 QUICK = Plan(budget=45, throughput_size=256 * MIB, throughput_reps=1, activation_runs=5,
              serve_runs=2, footprint_size=256 * MIB, guest_sizes=(64 * MIB, 256 * MIB),
              guest_runs=1, guest_mem_mib=512, guest_placements=("same",),
              trace_size=256 * MIB, scaling_sizes=(256 * MIB, GIB), scaling_fixed=64 * MIB,
              scaling_full_limit=256 * MIB, scaling_reps=1, kick_seconds=0.5,
-             qemu_sizes=(256 * MIB,), qemu_runs=1, many_counts=(1, 10), many_idle=2.0)
+             qemu_sizes=(256 * MIB,), qemu_runs=1, many_counts=(1, 10), many_idle=2.0,
+             pilot_guests=2, pilot_seconds=20.0)
 
 
 def log(message: str) -> None:
@@ -158,6 +162,9 @@ def run(plan: Plan, only: list[str], args: argparse.Namespace, argv: list[str] |
         many_vms.run_many(report, list(plan.many_counts), {device_cpu},
                           {other_cpu, device_cpu}, plan.many_idle, log)
         _many_goals(report)
+    if "autopilot" in only:
+        autopilot_eval.run_eval(report, plan.pilot_guests, plan.pilot_seconds,
+                                {device_cpu, other_cpu}, args.out, log)
     _footprint_goal(report)
 
     if args.profile:
