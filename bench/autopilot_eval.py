@@ -11,7 +11,9 @@ held, then freed. The script is replayed under five policies:
 - **host headroom** (what Proxmox does): every second, if the guests together hold more
   than the host budget, every balloon grows by a step (down to the guest's floor), and if
   they hold under 90 % of it, every balloon shrinks by a step, whatever the guests need;
-- **autopilot** (``vballoon autopilot enable`` on each, ``serve --host-budget``).
+- **autopilot** (``vballoon autopilot enable`` on each with the default floor and reserve,
+  ``serve --host-budget``, with free page reporting and deflate-on-oom on, as it would be
+  deployed).
 
 Measured per policy, from the host and from the guests' own statistics: host memory
 reclaimed over time (GiB·s: Σ over guests of guest memory minus what the host backs,
@@ -34,7 +36,7 @@ from bench.system import GIB, MIB, pinned
 from guest.uml import GuestConfig, UmlGuest
 
 GUEST_MIB = 256
-FLOOR = 96 * MIB
+FLOOR = 64 * MIB               # the host-headroom rule's minimum, as the autopilot's default floor
 STATIC = 96 * MIB
 SPIKE_MIB = 160
 STEP = 32 * MIB
@@ -68,7 +70,9 @@ def run_eval(report: Report, guests: int, seconds: float, cpus: set[int], out: P
         share = run["reclaimed_gibs"] / ideal if ideal else None
         table.rows.append([policy, fmt(run["reclaimed_gibs"], 2),
                            "-" if share is None else f"{share:.0%}", str(run["pressure"]),
-                           str(run["oom"]), fmt(run["spike_to_deflate"], 2),
+                           str(run["oom"]) + (f" ({run['hung']} guest(s) hung or died)"
+                                              if run["hung"] else ""),
+                           fmt(run["spike_to_deflate"], 2),
                            str(run["direction_changes"])])
         cond = dict(policy=policy, guests=guests, seconds=seconds, runs=1)
         report.add("autopilot_eval_reclaimed", run["reclaimed_gibs"], "GiB*s", **cond)
@@ -98,7 +102,10 @@ def _run(policy: str, count: int, seconds: float, budget: int, cpus: set[int],
     if policy == "free page reporting":
         extra += ("--free-page-reporting",)
     if policy == "autopilot":
-        extra += ("--host-budget", str(budget))
+        # As it would be deployed: reporting returns what a guest frees at once, the
+        # autopilot bounds what it holds (and keeps the host inside its budget), and
+        # deflate-on-oom lets a guest take pages back itself as a last resort.
+        extra += ("--host-budget", str(budget), "--free-page-reporting", "--deflate-on-oom")
     with tempfile.TemporaryDirectory(prefix="vb-pilot-") as tmp:
         serve = ServeProcess(Path(tmp), "pilot", jail=True, cpus=cpus, vms=names, extra_args=extra)
         guests: list[UmlGuest] = []
@@ -121,13 +128,12 @@ def _run(policy: str, count: int, seconds: float, budget: int, cpus: set[int],
                     client.request("set", targets={n: STATIC for n in names})
                 if policy == "autopilot":
                     for name in names:
-                        client.request("autopilot", action="enable", vm=name, floor=FLOOR)
+                        client.request("autopilot", action="enable", vm=name)
                 for i, guest in enumerate(guests):
                     guest.run(_script(i, seconds))
                 trace = _observe(client, guests, names, seconds, policy, budget)
                 end_counters = {n: _counters(client, n) for n in names}
-            oom = sum(int(g.run("dmesg | grep -c 'Out of memory' || true").strip() or 0)
-                      for g in guests)
+            logged = [_oom_logged(g) for g in guests]
         finally:
             for guest in guests:
                 try:
@@ -138,10 +144,22 @@ def _run(policy: str, count: int, seconds: float, budget: int, cpus: set[int],
     log(f"autopilot eval, {policy}: reclaimed {trace['reclaimed_gibs']:.2f} GiB*s")
     pressure = sum(end_counters[n][k] - start_counters[n][k] for n in names
                    for k in ("alloc_stall", "direct_reclaim"))
+    counted = sum(end_counters[n]["oom_kill"] - start_counters[n]["oom_kill"] for n in names)
+    hung = max(sum(1 for n in logged if n is None), trace["dead"])
+    oom = max(counted, sum(n or 0 for n in logged)) + hung
     spikes = [_spike_at(i, seconds) for i in range(count)]
-    return {**trace, "pressure": pressure, "oom": oom,
+    return {**trace, "pressure": pressure, "oom": oom, "hung": hung,
             "spike_to_deflate": _spike_to_deflate(trace, names, spikes),
             "direction_changes": sum(_flips(trace["targets"][n]) for n in names)}
+
+
+def _oom_logged(guest: UmlGuest) -> int | None:
+    """OOM kills in the guest's kernel log; None if the guest no longer answers (counted as
+    one: a guest out of memory with its shell gone)."""
+    try:
+        return int(guest.run("dmesg | grep -c 'Out of memory' || true", timeout=20).strip() or 0)
+    except Exception:                       # noqa: BLE001 - a hung guest is the result here
+        return None
 
 
 def _script(i: int, seconds: float) -> str:
@@ -169,13 +187,19 @@ def _observe(client, guests, names, seconds: float, policy: str, budget: int) ->
     start = time.monotonic()
     times, reclaimed, available = [], {n: [] for n in names}, {n: [] for n in names}
     targets = {n: [] for n in names}
+    dead: set[str] = set()
     last_rule = 0.0
     guest_bytes = GUEST_MIB * MIB
     while (now := time.monotonic() - start) < seconds:
         vms = {vm["name"]: vm for vm in client.request("list")["vms"]}
         times.append(now)
         for name, guest in zip(names, guests):
-            reclaimed[name].append(max(0, guest_bytes - guest.host_ram_bytes()))
+            try:
+                backed = guest.host_ram_bytes()
+            except Exception:                 # noqa: BLE001 - the guest died: that is a result
+                dead.add(name)
+                backed = guest_bytes          # a dead guest saves nothing worth counting
+            reclaimed[name].append(max(0, guest_bytes - backed))
             stats = client.request("stats", vm=name)
             available[name].append(stats.get("available_memory") or 0)
             targets[name].append(vms[name]["target_bytes"])
@@ -192,7 +216,7 @@ def _observe(client, guests, names, seconds: float, policy: str, budget: int) ->
     gibs = sum(sum(r[k] for r in reclaimed.values()) * dt[k] for k in range(len(times))) / GIB
     avail = sum(sum(a[k] for a in available.values()) * dt[k] for k in range(len(times))) / GIB
     return {"times": times, "reclaimed": reclaimed, "available": available, "targets": targets,
-            "reclaimed_gibs": gibs, "available_gibs": avail}
+            "reclaimed_gibs": gibs, "available_gibs": avail, "dead": len(dead)}
 
 
 def _spike_to_deflate(trace: dict, names, spikes: list[float]) -> float | None:

@@ -45,7 +45,7 @@ class Tuning:
     step: int = 64 * MIB
     host_step: int = 256 * MIB
     idle_s: float = 10.0
-    interval_s: float = 1.0
+    interval_s: float = 0.5
     calm_s: float = 30.0
     stale_s: float = 5.0
     majflt_per_s: float = 100.0
