@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.many_vms import stop_all
 from bench.results import Report, fmt
 from bench.serve import ServeProcess
 from bench.system import GIB, MIB, pinned
@@ -135,12 +136,7 @@ def _run(policy: str, count: int, seconds: float, budget: int, cpus: set[int],
                 end_counters = {n: _counters(client, n) for n in names}
             logged = [_oom_logged(g) for g in guests]
         finally:
-            for guest in guests:
-                try:
-                    guest.stop()
-                except Exception:              # noqa: BLE001 - stop every guest whatever
-                    pass
-            serve.stop()
+            stop_all(guests, serve)
     log(f"autopilot eval, {policy}: reclaimed {trace['reclaimed_gibs']:.2f} GiB*s")
     pressure = sum(end_counters[n][k] - start_counters[n][k] for n in names
                    for k in ("alloc_stall", "direct_reclaim"))

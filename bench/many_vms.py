@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench.results import Report, fmt
 from bench.serve import ServeProcess, vballoon_command
-from bench.system import MIB, pinned
+from bench.system import MIB, descendants, pinned
 from guest.uml import GuestConfig, UmlGuest
 
 GUEST_MIB = 64
@@ -79,21 +79,16 @@ def _one(report: Report, count: int, device_cpus: set[int], guest_cpus: set[int]
                           60, "every VM active")
                 active = time.monotonic() - serve.started
                 log(f"many VMs, N={count}: serve ready {ready:.2f} s, all active {active:.1f} s")
-                tree = _tree(serve.pid)
+                tree = descendants(serve.pid)
                 memory = _memory(tree)
                 time.sleep(1.0)                     # let the last counters and stats go out
-                wakeups, cpu = _idle(_tree(serve.pid), idle_seconds)
+                wakeups, cpu = _idle(descendants(serve.pid), idle_seconds)
                 status_ms = _cli_status(serve, names[0])
                 cli_s = _resize_by_cli(serve, names)
                 _resize(client, names, 0)
                 socket_s = _resize(client, names, RESIZE_BYTES)
         finally:
-            for guest in guests:
-                try:
-                    guest.stop()
-                except Exception:                # noqa: BLE001 - stop every guest whatever
-                    pass
-            serve.stop()
+            stop_all(guests, serve)
     per_vm = memory["total"] / count
     cond = dict(vms=count, guest_mib=GUEST_MIB, mode="jailed", runs=1)
     report.add("many_vms_pss_per_vm", per_vm / MIB, "MiB", **cond)
@@ -109,6 +104,16 @@ def _one(report: Report, count: int, device_cpus: set[int], guest_cpus: set[int]
             fmt(status_ms, 0), fmt(cli_s, 2), fmt(socket_s, 2)]
 
 
+def stop_all(guests: list[UmlGuest], serve: ServeProcess) -> None:
+    """Stop every guest, whatever each one does, then the server."""
+    for guest in guests:
+        try:
+            guest.stop()
+        except Exception:                # noqa: BLE001 - stop every guest whatever
+            pass
+    serve.stop()
+
+
 def _wait_all(client, test, timeout: float, what: str) -> list[dict]:
     deadline = time.monotonic() + timeout
     while True:
@@ -119,25 +124,6 @@ def _wait_all(client, test, timeout: float, what: str) -> list[dict]:
             stuck = [vm["name"] for vm in vms if not test(vm)]
             raise TimeoutError(f"{what}: not after {timeout} s ({len(stuck)} left, e.g. {stuck[:3]})")
         time.sleep(0.02)
-
-
-def _tree(root: int) -> list[int]:
-    """``root`` and every descendant, by parent pid."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
 
 
 def _pss_unshared(pid: int) -> int:

@@ -132,54 +132,70 @@ class Autopilot:
                 "last_decision": state.last_decision, "pressure": list(state.pressure),
                 "decided_target_bytes": state.last_target}
 
-    def decide(self, now: float, host: HostSample, samples: list[VmSample]) -> list[Decision]:
-        t = self.tuning
+    def decide(self, now: float, host: HostSample | None, samples: list[VmSample]) -> list[Decision]:
+        """Decisions for ``samples`` (the enabled VMs among them). ``host`` None: only the
+        guests' own needs are looked at (a deflate for one under pressure, nothing else):
+        what fresh statistics of one VM are decided on at once, without the others."""
         enabled = [s for s in samples if s.name in self.vms]
         decisions: dict[str, Decision] = {}
         idle: dict[str, int] = {}
-        short = self._host_short(host, enabled)
+        short = self._host_short(host, enabled) if host is not None else None
         for sample in enabled:
             state = self.vms[sample.name]
-            decision, spare = self._one(now, sample, state, host_has_room=short is None)
+            decision, spare = self._one(now, sample, state,
+                                        host_has_room=host is not None and short is None)
             if decision is not None:
                 decisions[sample.name] = decision
             elif spare > 0:
                 idle[sample.name] = spare
-        # The host: short -> reclaim idle memory at once, most idle first.
-        if short:
-            need = max(short[1], t.host_step)
-            for name in sorted(idle, key=lambda n: -idle[n]):
-                if need <= 0:
-                    break
-                sample = next(s for s in enabled if s.name == name)
-                state = self.vms[name]
-                take = min(idle[name], t.host_step, need)
-                target = self._bounded(sample, state, sample.target_bytes + take)
-                if target > sample.target_bytes:
-                    need -= target - sample.target_bytes
-                    decisions[name] = Decision(name, target, f"host short ({short[0]}): taking "
-                                               f"{(target - sample.target_bytes) >> 20} MiB of "
-                                               f"{idle[name] >> 20} MiB idle")
-        else:
-            for name, spare in idle.items():
-                sample = next(s for s in enabled if s.name == name)
-                state = self.vms[name]
-                if state.idle_since is None or now - state.idle_since < t.idle_s \
-                        or now - state.last_inflate < t.interval_s:
-                    continue
-                target = self._bounded(sample, state, sample.target_bytes + min(spare, t.step))
-                if target > sample.target_bytes:
-                    decisions[name] = Decision(name, target, f"idle for {now - state.idle_since:.0f} s: "
-                                               f"taking {(target - sample.target_bytes) >> 20} MiB "
-                                               f"of {spare >> 20} MiB spare")
+        by_name = {sample.name: sample for sample in enabled}
+        if host is not None and short:
+            decisions.update(self._reclaim_for_host(short, idle, by_name))
+        elif host is not None:
+            decisions.update(self._reclaim_idle(now, idle, by_name))
         for decision in decisions.values():
             state = self.vms[decision.name]
-            sample = next(s for s in enabled if s.name == decision.name)
-            if decision.target_bytes > sample.target_bytes:
+            if decision.target_bytes > by_name[decision.name].target_bytes:
                 state.last_inflate = now
             state.last_decision = decision.reason
             state.last_target = decision.target_bytes
         return list(decisions.values())
+
+    def _reclaim_for_host(self, short: tuple[str, int], idle: dict[str, int],
+                          samples: dict[str, VmSample]) -> dict[str, Decision]:
+        """The host is short: idle memory at once, in big steps, the idlest guests first."""
+        t = self.tuning
+        decisions = {}
+        need = max(short[1], t.host_step)
+        for name in sorted(idle, key=lambda n: -idle[n]):
+            if need <= 0:
+                break
+            sample = samples[name]
+            take = min(idle[name], t.host_step, need)
+            target = self._bounded(sample, self.vms[name], sample.target_bytes + take)
+            if target > sample.target_bytes:
+                need -= target - sample.target_bytes
+                decisions[name] = Decision(name, target, f"host short ({short[0]}): taking "
+                                           f"{(target - sample.target_bytes) >> 20} MiB of "
+                                           f"{idle[name] >> 20} MiB idle")
+        return decisions
+
+    def _reclaim_idle(self, now: float, idle: dict[str, int],
+                      samples: dict[str, VmSample]) -> dict[str, Decision]:
+        """Memory idle for ``idle_s``, a step at a time, at most a step per ``interval_s``."""
+        t = self.tuning
+        decisions = {}
+        for name, spare in idle.items():
+            sample, state = samples[name], self.vms[name]
+            if state.idle_since is None or now - state.idle_since < t.idle_s \
+                    or now - state.last_inflate < t.interval_s:
+                continue
+            target = self._bounded(sample, state, sample.target_bytes + min(spare, t.step))
+            if target > sample.target_bytes:
+                decisions[name] = Decision(name, target, f"idle for {now - state.idle_since:.0f} s: "
+                                           f"taking {(target - sample.target_bytes) >> 20} MiB "
+                                           f"of {spare >> 20} MiB spare")
+        return decisions
 
     # -- one VM ----------------------------------------------------------------------------------
 

@@ -88,10 +88,12 @@ class Pilot:
     # -- the loop side --------------------------------------------------------------------------
 
     def on_change(self, vm: Vm) -> None:
-        """Anything changed on ``vm``: decide again if it brought new statistics."""
+        """Anything changed on ``vm``: if it brought new statistics, decide on that VM's own
+        needs at once (a deflate under pressure); the rest waits for the tick, which looks
+        at every VM and the host together."""
         if vm.name in self.core.vms and vm.device is not None:
             if vm.device.stats.updated_monotonic != self._seen.get(vm.name):
-                self._decide()
+                self._decide([vm.name], with_host=False)
 
     def tick(self) -> None:
         self._timer = None
@@ -108,12 +110,14 @@ class Pilot:
         if self.core.vms and (self._timer is None or not self._timer.pending):
             self._timer = self.loop.call_later(self.core.tuning.interval_s, self.tick)
 
-    def _decide(self) -> None:
+    def _decide(self, names: list[str] | None = None, with_host: bool = True) -> None:
         vms = self.vms()
         for name in [n for n in self.core.vms if n not in vms]:
             self.disable(name, "the VM was removed")
         samples = []
-        for name in self.core.vms:
+        for name in names if names is not None else list(self.core.vms):
+            if name not in vms:
+                continue
             device = vms[name].device
             if device is None or device.guest_pages is None or device.state != "active":
                 continue
@@ -126,12 +130,14 @@ class Pilot:
             self._seen[name] = device.stats.updated_monotonic
         if not samples:
             return
-        try:
-            host = self.read_host()
-        except OSError as exc:
-            log.warning("cannot read the host's memory (%s): deciding as if it had room", exc)
-            host = HostSample(1 << 62)
-        self.last_host = host
+        host = None
+        if with_host:
+            try:
+                host = self.read_host()
+            except OSError as exc:
+                log.warning("cannot read the host's memory (%s): deciding as if it had room", exc)
+                host = HostSample(1 << 62)
+            self.last_host = host
         for decision in self.core.decide(time.monotonic(), host, samples):
             self._apply(vms[decision.name], decision)
 

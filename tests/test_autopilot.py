@@ -184,3 +184,15 @@ def test_reasons_are_words():
     assert any(r.startswith("idle for") for r in reasons)
     assert any(r.startswith("guest under pressure") for r in reasons)
     assert isinstance(events[0][2], list) and all(isinstance(d, Decision) for d in events[-1][2])
+
+
+def test_without_the_host_only_a_guest_under_pressure_is_acted_on():
+    """What the server decides on at once when one VM's statistics arrive: its own need."""
+    pilot = Autopilot(Tuning(idle_s=0))
+    pilot.enable("vm", VmLimits.default(1 << 30))
+    idle = SimGuest(1 << 30)
+    assert pilot.decide(1.0, None, [sample("vm", idle, 0, 1.0)]) == []      # no inflating
+    idle.run(0, 400 * MIB)
+    starving = SimGuest(1 << 30, balloon=400 * MIB, used=600 * MIB)
+    (decision,) = pilot.decide(2.0, None, [sample("vm", starving, 400 * MIB, 2.0)])
+    assert decision.target_bytes < 400 * MIB and "pressure" in decision.reason
