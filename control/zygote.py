@@ -25,6 +25,7 @@ import array
 import errno
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -67,7 +68,6 @@ class RemoteWorker:
     def kill(self) -> None:
         if self._ended is None and self._pidfd >= 0:
             try:
-                import signal
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass                           # ended already; its status says how
@@ -223,7 +223,16 @@ class Zygote:
             self._forget()
 
 
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's zygote is not ours to ask, wait for or kill."""
+        self._lock = threading.Lock()
+        if self._sock is not None:
+            self._sock.close()               # our copy only; the parent keeps its own
+        self._sock, self._proc = None, None
+
+
 ZYGOTE = Zygote()
+os.register_at_fork(after_in_child=ZYGOTE._after_fork)
 
 
 def _fds(ancillary: list) -> list[int]:
@@ -237,8 +246,6 @@ def _fds(ancillary: list) -> list[int]:
 # -- the zygote process ---------------------------------------------------------------------
 
 def main(fd: int, parent: int) -> None:
-    import signal
-
     import prctl
     prctl.set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent:
