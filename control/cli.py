@@ -197,17 +197,18 @@ def _vm(args: argparse.Namespace) -> dict:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from control.supervisor import ProxyOptions
+    import logging
+
+    from control.autopilot import Tuning
     from control.server import ServeOptions, serve
+    from control.supervisor import ProxyOptions
     from control.vm import parse_vm
     from device.balloon import BalloonOptions
-    import logging
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.no_jail:
         logging.getLogger("vballoon").warning(
             "--no-jail: the worker runs UNJAILED in this process; for debugging only")
-    from control.autopilot import Tuning
     balloon = BalloonOptions(stats=not args.no_stats, deflate_on_oom=args.deflate_on_oom,
                              free_page_reporting=args.free_page_reporting,
                              page_poison=not args.no_page_poison,
@@ -221,9 +222,9 @@ def _serve(args: argparse.Namespace) -> int:
             autopilot=Tuning(host_budget=None if args.host_budget is None
                              else parse_size(args.host_budget)))
         if not options.specs():
-            raise RequestError("give --socket PATH or --vm NAME=SOCKET (at least one VM)")
+            logging.getLogger("vballoon").info("no VM yet: add them with `vballoon add`")
         serve(options)
-    except RequestError as exc:
+    except (RequestError, ValueError) as exc:
         print(f"vballoon serve: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -362,3 +362,24 @@ def _status_field(pid: int, name: str) -> str:
 
 def _rss(pid: int) -> int:
     return int(_status_field(pid, "VmRSS"))
+
+
+def test_the_cli_adds_removes_and_pilots(many, tmp_path, capsys):
+    _, _, client, options = many
+    control = ["--control", options.control_path]
+    path = str(tmp_path / "c.sock")
+    assert cli(["add", *control, "c", "--socket", path, "--free-page-reporting"]) == 0
+    assert "c: serving on" in capsys.readouterr().out and os.path.exists(path)
+    assert cli(["add", *control, "c", "--socket", path]) == 1                 # refused: exists
+    assert "already" in capsys.readouterr().err
+    assert cli(["remove", *control, "c"]) == 0 and not os.path.exists(path)
+    capsys.readouterr()
+    assert cli(["autopilot", "enable", *control, "a", "--floor", "8M", "--dry-run"]) == 0
+    assert "a: autopilot on (dry run)" in capsys.readouterr().out
+    assert cli(["autopilot", "status", *control, "a", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"floor_bytes": 8388608' in out and '"enabled": true' in out
+    assert cli(["autopilot", "enable", *control, "c"]) == 1                   # no such VM
+    assert "no VM named 'c'" in capsys.readouterr().err
+    assert cli(["autopilot", "disable", *control, "a"]) == 0
+    assert client.request("autopilot", action="status", vm="a")["vms"][0]["enabled"] is False
