@@ -62,10 +62,10 @@ NAMESPACE_FLAGS = (
 )
 EMPTY_ROOT_OPTIONS = "size=4k,nr_inodes=2,mode=0555"
 MAP_WAIT = 30.0
+"""Seconds the set-up process waits for the parent to map its user namespace."""
 SETUP_EXIT_WAIT = 30.0
 """Seconds the worker waits for the set-up process to end (it ends at once; the parent's own
 set-up deadline kills both long before)."""
-"""Seconds the set-up process waits for the parent to map its user namespace."""
 
 
 @dataclass(frozen=True)
