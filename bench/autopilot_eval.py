@@ -183,6 +183,7 @@ def _observe(client, guests, names, seconds: float, policy: str, budget: int) ->
     start = time.monotonic()
     times, reclaimed, available = [], {n: [] for n in names}, {n: [] for n in names}
     targets = {n: [] for n in names}
+    pressure = {n: [] for n in names}       # stalls + direct reclaim + OOM kills so far
     dead: set[str] = set()
     last_rule = 0.0
     guest_bytes = GUEST_MIB * MIB
@@ -198,6 +199,8 @@ def _observe(client, guests, names, seconds: float, policy: str, budget: int) ->
             reclaimed[name].append(max(0, guest_bytes - backed))
             stats = client.request("stats", vm=name)
             available[name].append(stats.get("available_memory") or 0)
+            pressure[name].append(sum(stats.get(k) or 0 for k in
+                                      ("alloc_stall", "direct_reclaim", "oom_kill")))
             targets[name].append(vms[name]["target_bytes"])
         if policy == "host headroom" and now - last_rule >= 1.0:
             last_rule = now
@@ -212,7 +215,8 @@ def _observe(client, guests, names, seconds: float, policy: str, budget: int) ->
     gibs = sum(sum(r[k] for r in reclaimed.values()) * dt[k] for k in range(len(times))) / GIB
     avail = sum(sum(a[k] for a in available.values()) * dt[k] for k in range(len(times))) / GIB
     return {"times": times, "reclaimed": reclaimed, "available": available, "targets": targets,
-            "reclaimed_gibs": gibs, "available_gibs": avail, "dead": len(dead)}
+            "pressure_series": pressure, "reclaimed_gibs": gibs, "available_gibs": avail,
+            "dead": len(dead)}
 
 
 def _spike_to_deflate(trace: dict, names, spikes: list[float]) -> float | None:
@@ -245,6 +249,12 @@ def _plot(run: dict, policy: str, path: Path) -> None:
                 color=line.get_color(), label=f"{name}: balloon target")
         ax.plot(run["times"], [v / MIB for v in run["available"][name]], linestyle=":",
                 color=line.get_color(), alpha=0.6, label=f"{name}: guest available")
+        series = run["pressure_series"][name]
+        events = [k for k in range(1, len(series)) if series[k] > series[k - 1]]
+        if events:
+            ax.scatter([run["times"][k] for k in events],
+                       [run["available"][name][k] / MIB for k in events], marker="x",
+                       color="red", zorder=3, label=f"{name}: pressure (stall/reclaim/OOM)")
     ax.set_xlabel("seconds")
     ax.set_ylabel("MiB")
     ax.set_title(f"{policy}: pressure events {run['pressure']}, OOM kills {run['oom']}")
