@@ -138,9 +138,11 @@ def _run(policy: str, count: int, seconds: float, budget: int, cpus: set[int],
         finally:
             stop_all(guests, serve)
     log(f"autopilot eval, {policy}: reclaimed {trace['reclaimed_gibs']:.2f} GiB*s")
-    pressure = sum(end_counters[n][k] - start_counters[n][k] for n in names
+    # A guest that died reports nothing at the end: no negative deltas.
+    pressure = sum(max(0, end_counters[n][k] - start_counters[n][k]) for n in names
                    for k in ("alloc_stall", "direct_reclaim"))
-    counted = sum(end_counters[n]["oom_kill"] - start_counters[n]["oom_kill"] for n in names)
+    counted = sum(max(0, end_counters[n]["oom_kill"] - start_counters[n]["oom_kill"])
+                  for n in names)
     hung = max(sum(1 for n in logged if n is None), trace["dead"])
     oom = max(counted, sum(n or 0 for n in logged)) + hung
     spikes = [_spike_at(i, seconds) for i in range(count)]
@@ -206,10 +208,11 @@ def _observe(client, guests, names, seconds: float, policy: str, budget: int) ->
             last_rule = now
             held = sum(guest_bytes - vms[n]["target_bytes"] for n in names)
             delta = STEP if held > budget else (-STEP if held < 0.9 * budget else 0)
-            if delta:
+            live = [n for n in names if vms[n]["state"] == "active"]   # a dead guest is gone
+            if delta and live:
                 client.request("set", targets={
                     n: max(0, min(guest_bytes - FLOOR, vms[n]["target_bytes"] + delta))
-                    for n in names})
+                    for n in live})
         time.sleep(max(0.0, 0.5 - (time.monotonic() - start - now)))
     dt = [b - a for a, b in zip(times, times[1:])] + [0.5]
     gibs = sum(sum(r[k] for r in reclaimed.values()) * dt[k] for k in range(len(times))) / GIB

@@ -8,8 +8,9 @@ The rules, in order (numbers are ``Tuning``'s defaults; sizes per VM are ``VmLim
 
 1. **Never starve.** A guest shows pressure when, since its previous statistics, its OOM
    kills, allocation stalls, direct reclaim, direct scans or swap-ins went up, its major
-   faults rose faster than ``majflt_per_s``, or its available memory is under its
-   ``reserve``. It is deflated at once (on the statistics that show it): by what it lacks
+   faults rose faster than ``majflt_per_s``, its available memory is under its ``reserve``,
+   or it falls fast enough (balloon growth aside) to be under it within ``horizon_s``. It
+   is deflated at once (on the statistics that show it): by what it lacks (or will lack)
    below ``reserve`` plus half a reserve, and by at least half the balloon for a hard signal
    (OOM kill, stall, direct reclaim). It is not inflated again for ``calm_s`` seconds.
 2. **Reclaim idle memory.** Memory a guest has had available beyond ``reserve + margin`` for
@@ -49,6 +50,7 @@ class Tuning:
     calm_s: float = 30.0
     stale_s: float = 5.0
     majflt_per_s: float = 100.0
+    horizon_s: float = 2.0          # a falling available memory is projected this far ahead
     host_min_available: int = 512 * MIB
     host_psi: float = 10.0          # % of time some task stalled on memory (avg10)
     host_budget: int | None = None  # bytes all guests together may hold
@@ -102,6 +104,8 @@ class _VmState:
     limits: VmLimits
     last_stats: dict[str, int] | None = None
     last_stats_at: float | None = None
+    last_actual: int = 0
+    projected: int | None = None      # available memory ``horizon_s`` ahead at today's trend
     idle_since: float | None = None
     calm_until: float = 0.0
     last_inflate: float = -1e9
@@ -218,6 +222,7 @@ class Autopilot:
         if fresh:
             state.pressure = self._pressure(sample, state)
             state.last_stats, state.last_stats_at = dict(sample.stats), sample.stats_updated
+            state.last_actual = sample.actual_bytes
         available = sample.stats.get("available_memory")
         if available is None:
             state.last_decision = "the guest does not report available memory: holding"
@@ -228,6 +233,8 @@ class Autopilot:
             state.calm_until = now + t.calm_s
             state.idle_since = None
             give = max(reserve - available, 0) + reserve // 2
+            if state.projected is not None:
+                give = max(give, reserve - state.projected + reserve // 2)
             if any(s in HARD_SIGNALS for s in state.pressure):
                 give = max(give, balloon // 2)
             target = max(0, balloon - give)
@@ -270,6 +277,17 @@ class Autopilot:
         available = now_stats.get("available_memory")
         if available is not None and available < state.limits.reserve:
             signals.append("available below reserve")
+        # Falling fast (not because the balloon grew): act before it is gone.
+        state.projected = None
+        before_available = before.get("available_memory")
+        if available is not None and before_available is not None and state.last_stats_at is not None:
+            elapsed = max(1e-3, (sample.stats_updated or 0) - state.last_stats_at)
+            grew = max(0, sample.actual_bytes - state.last_actual)
+            rate = (before_available - available - grew) / elapsed
+            projected = available - int(rate * self.tuning.horizon_s)
+            if rate > 0 and projected < state.limits.reserve:
+                state.projected = projected
+                signals.append(f"available falling {rate / MIB:.0f} MiB/s")
         return signals
 
     def _bounded(self, sample: VmSample, state: _VmState, target: int) -> int:
