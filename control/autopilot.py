@@ -122,7 +122,13 @@ class Autopilot:
         self.vms: dict[str, _VmState] = {}
 
     def enable(self, name: str, limits: VmLimits) -> None:
-        self.vms[name] = _VmState(limits)
+        """Put ``name`` under autopilot, or change its limits (its history is kept: a calm
+        period after pressure is not cut short by enabling it again)."""
+        state = self.vms.get(name)
+        if state is None:
+            self.vms[name] = _VmState(limits)
+        else:
+            state.limits = limits
 
     def disable(self, name: str) -> None:
         self.vms.pop(name, None)
@@ -247,7 +253,8 @@ class Autopilot:
             return None, 0
         if state.pressure:
             return None, 0                      # no new statistics since: wait for them
-        spare = available - reserve - t.margin
+        # What an inflate already asked for but the guest has not given yet is not spare.
+        spare = available - reserve - t.margin - max(0, sample.target_bytes - sample.actual_bytes)
         if spare <= 0:
             state.idle_since = None
             if host_has_room and available < reserve + t.margin // 2 and balloon > 0:
@@ -262,6 +269,8 @@ class Autopilot:
             return None, 0
         if state.idle_since is None:
             state.idle_since = now
+        if sample.actual_bytes < sample.target_bytes or sample.stats_updated <= state.last_inflate:
+            return None, 0      # the last inflate is not done, or not yet seen in the stats
         return None, spare
 
     def _pressure(self, sample: VmSample, state: _VmState) -> list[str]:

@@ -48,14 +48,14 @@ class Pilot:
         limits = VmLimits(floor=default.floor if floor is None else floor,
                           reserve=default.reserve if reserve is None else reserve,
                           ceiling=ceiling, dry_run=dry_run)
-        self.core.enable(vm.name, limits)
+        self.core.enable(vm.name, limits)        # keeps the VM's history if it was on
         self._seen.pop(vm.name, None)
         log.info("vm %s: autopilot on (floor %d MiB, reserve %d MiB%s%s)", vm.name,
                  limits.floor >> 20, limits.reserve >> 20,
                  f", ceiling {ceiling >> 20} MiB" if ceiling is not None else "",
                  ", dry run" if dry_run else "")
+        self._decide()
         self._arm()
-        self.tick()
         return self.status(vm.name)
 
     def disable(self, name: str, why: str = "disabled") -> bool:
@@ -96,15 +96,16 @@ class Pilot:
                 self._decide([vm.name], with_host=False)
 
     def tick(self) -> None:
+        """The timer's callback (only: calling it besides would start a second loop)."""
         self._timer = None
-        if not self.core.vms:
-            return
-        for name in self.core.vms:
-            vm = self.vms().get(name)
-            if vm is not None and vm.device is not None and vm.device.state == "active":
-                vm.device.request_stats()
-        self._decide()
-        self._arm()
+        try:
+            for name in list(self.core.vms):
+                vm = self.vms().get(name)
+                if vm is not None and vm.device is not None and vm.device.state == "active":
+                    vm.device.request_stats()
+            self._decide()
+        finally:
+            self._arm()
 
     def _arm(self) -> None:
         if self.core.vms and (self._timer is None or not self._timer.pending):

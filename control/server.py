@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import time
 from dataclasses import dataclass, field
 
@@ -221,7 +222,9 @@ class Server:
     @staticmethod
     def _listen(path: str, backlog: int) -> socket.socket:
         """Listen on ``path``, replacing a stale socket file but never a live server's."""
-        if os.path.exists(path):
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise RequestError(f"{path} exists and is not a socket: not replacing it")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
                 probe.connect(path)
@@ -390,6 +393,8 @@ class Server:
             ident = None
         cmd = message.get("cmd")
         try:
+            if type(cmd) is not str:
+                raise RequestError(f"'cmd' must be a command name, not {str(cmd)[:40]!r}")
             if cmd in SERVER_COMMANDS:
                 result = SERVER_COMMANDS[cmd](self, message)
                 self._reply(client, {"id": ident, "ok": True, **result})

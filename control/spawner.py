@@ -2,8 +2,9 @@
 runs on one long-lived thread, so one VM's restarting worker never delays another VM's
 replies (issue 12.3). The result comes back to the loop as a callback.
 
-PR_SET_PDEATHSIG is tied to the thread that forks: this thread lives as long as the process
-(it never returns), so workers still die with ``serve``.
+The thread lives as long as the process. Workers die with whoever forked them into their
+jail (the zygote, or ``serve`` itself): their parent-death signal is armed once they are
+that process's children (see ``sandbox._child``), not tied to this thread.
 
 The fds a spawn hands to the worker are duplicated on the loop before the job is queued
 (``Job.keep``) and closed by the job: the device may close its own copies meanwhile (a
@@ -32,6 +33,7 @@ class Job:
         self.done = done
         self.owned_fds = owned_fds        # closed once ``run`` returned
         self.result: Any = None
+        self.cancelled = False            # set before it runs: it is skipped
         self.finished = threading.Event()
 
     def wait(self, timeout: float) -> Any:
@@ -63,7 +65,8 @@ class Spawner:
         while True:
             job = self._jobs.get()
             try:
-                job.result = job.run()
+                if not job.cancelled:
+                    job.result = job.run()
             except BaseException as exc:        # noqa: BLE001 - handed to the loop as the result
                 job.result = exc
             finally:

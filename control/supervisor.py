@@ -245,6 +245,7 @@ class Supervisor:
         self._exit_fd = -1
         self._worker_id: int | None = None
         self._job: Job | None = None                 # a jailed spawn under way
+        self._job_parent_end: socket.socket | None = None
         self._spawn_token: object | None = None
         self._carry = False
         self._denied: dict[str, int] = {}
@@ -310,12 +311,17 @@ class Supervisor:
                 timer.cancel()
         job, self._job, self._spawn_token = self._job, None, None
         if job is not None:
-            # A jail being set up: wait for it (bounded by its set-up deadline) and end it
-            # here, since the loop may never run its callback once ``serve`` is gone.
+            # A jail being set up: cancel it if it has not begun, else wait for it (bounded
+            # by its set-up deadline) and end it here, since the loop may never run its
+            # callback once ``serve`` is gone. Its callback then does nothing.
+            job.cancelled = True
+            job.done = lambda result: None
             result = job.wait(SPAWN_WAIT)
             if isinstance(result, tuple):
+                result[0].kill()
                 result[0].release()
                 worker_ids.release(result[1])
+            self._job_parent_end.close()
         worker = self.worker
         pending: list[_Pending] = []
         if worker is not None:
@@ -442,12 +448,14 @@ class Supervisor:
                 worker_ids.release(ident)
                 raise
         token = self._spawn_token = object()
+        self._job_parent_end = parent_end
         self._job = SPAWNER.submit(Job(run, self.loop, lambda result: self._spawned(
             token, result, parent_end, activation, resume), [*copies, command_fd]))
 
     def _spawned(self, token: object, result: Any, parent_end: socket.socket,
                  activation: Activation, resume: bool) -> None:
-        self._job = None
+        if token is self._spawn_token:
+            self._job = None
         if isinstance(result, BaseException):
             parent_end.close()
             if token is self._spawn_token and self.state == STARTING:
@@ -459,11 +467,13 @@ class Supervisor:
         if token is not self._spawn_token or self.state != STARTING:
             # Stopped or terminated while its jail was being set up: not wanted any more.
             parent_end.close()
-            worker.release()                   # SIGKILL and reap (a jail is quick to end)
+            worker.kill()
+            worker.release()
             worker_ids.release(ident)
             return
         self._worker_id = ident
-        self._serve_with(worker, parent_end, activation, resume)
+        # The newest activation: a poison value the driver wrote meanwhile is in it.
+        self._serve_with(worker, parent_end, self.activation or activation, resume)
 
     def _serve_with(self, worker: WorkerHandle, parent_end: socket.socket,
                     activation: Activation, resume: bool) -> None:

@@ -30,13 +30,17 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import msgpack
 
 MAX_REQUEST = 8192
 MAX_FDS = 64
-REPLY_TIMEOUT = 10.0            # the jail's own set-up deadline is 5 s
+REPLY_TIMEOUT = 15.0
+"""Seconds to wait for a spawn: the jail's set-up deadline (5 s) plus reaping a failed one
+(up to 4 x 2 s). A late answer is recognised by its id and discarded (its worker killed);
+the zygote is not killed for being slow, since every worker dies with it."""
 
 
 class ZygoteError(OSError):
@@ -128,6 +132,7 @@ class Zygote:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen | None = None
+        self._next_id = 1
         self.unavailable: str | None = None     # why it cannot be started, once it could not
 
     def spawn(self, keep: dict[int, int], command: int, policy: Path, run_as: int | None) -> RemoteWorker:
@@ -139,17 +144,19 @@ class Zygote:
                 raise ZygoteUnavailable(errno.ENOEXEC, self.unavailable)
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             try:
-                request = msgpack.packb({"targets": list(keep.values()), "command": command,
-                                         "policy": str(policy), "run_as": run_as})
+                ident, self._next_id = self._next_id, self._next_id + 1
+                request = msgpack.packb({"id": ident, "targets": list(keep.values()),
+                                         "command": command, "policy": str(policy),
+                                         "run_as": run_as})
                 fds = [theirs.fileno(), *keep]
                 for attempt in (0, 1):           # a dead zygote is restarted once
                     sock = self._connection()
                     try:
                         sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                   array.array("i", fds))])
-                        reply, pidfd = self._reply(sock)
+                        reply, pidfd = self._reply(sock, ident)
                         break
-                    except ZygoteUnavailable:
+                    except (ZygoteUnavailable, TimeoutError):
                         raise
                     except (BrokenPipeError, ConnectionResetError, ZygoteError):
                         self._forget()
@@ -172,15 +179,27 @@ class Zygote:
                 except ZygoteUnavailable:
                     pass                 # said at the first spawn, which forks from serve
 
-    def _reply(self, sock: socket.socket) -> tuple[dict, int]:
-        if not _readable(sock.fileno(), REPLY_TIMEOUT):
-            raise ZygoteError(errno.ETIMEDOUT, "the zygote did not answer in time")
-        data, ancillary, flags, _ = sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4),
-                                                 socket.MSG_CMSG_CLOEXEC)
-        fds = _fds(ancillary)
-        if not data:
-            raise ZygoteError(errno.EPIPE, "the zygote closed its socket")
-        reply = msgpack.unpackb(data)
+    def _reply(self, sock: socket.socket, ident: int) -> tuple[dict, int]:
+        """The answer to request ``ident``; earlier requests' late answers are discarded
+        (a worker nobody waits for any more is killed). Raises ``TimeoutError``."""
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while True:
+            if not _readable(sock.fileno(), max(0.0, deadline - time.monotonic())):
+                raise TimeoutError("the zygote did not answer in time")
+            data, ancillary, flags, _ = sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4),
+                                                     socket.MSG_CMSG_CLOEXEC)
+            fds = _fds(ancillary)
+            if not data:
+                raise ZygoteError(errno.EPIPE, "the zygote closed its socket")
+            reply = msgpack.unpackb(data)
+            if isinstance(reply, dict) and reply.get("id") == ident:
+                break
+            for fd in fds:                       # a late answer: its worker is not wanted
+                try:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                except OSError:
+                    pass
+                os.close(fd)
         if reply.get("ok") and len(fds) == 1:
             return reply, fds[0]
         for fd in fds:
@@ -282,7 +301,7 @@ def main(fd: int, parent: int) -> None:
             fds = _fds(ancillary)
             if not data and not fds:
                 return                     # serve is gone: so are we, and our workers
-            reply, pidfd = {"ok": False, "error": "bad request"}, -1
+            reply, pidfd, request = {"ok": False, "error": "bad request"}, -1, None
             status = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=fds[0]) \
                 if fds else None
             try:
@@ -301,10 +320,12 @@ def main(fd: int, parent: int) -> None:
                 child = spawn(lambda: run_worker(command), config)
                 children[child.fileno()] = (child, status)
                 poller.register(child.fileno(), select.POLLIN)
-                reply, pidfd, status = {"ok": True, "pid": child.pid}, child.fileno(), None
+                reply, pidfd, status = {"ok": True, "pid": child.pid, "id": request.get("id")}, \
+                    child.fileno(), None
             except (JailError, ValueError, KeyError, TypeError, IndexError, OSError,
                     msgpack.UnpackException) as exc:
-                reply = {"ok": False, "error": f"cannot start the jailed worker: {exc}"}
+                reply = {"ok": False, "error": f"cannot start the jailed worker: {exc}",
+                         "id": request.get("id") if isinstance(request, dict) else None}
             finally:
                 for extra in fds[1:]:
                     os.close(extra)

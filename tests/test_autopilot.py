@@ -196,3 +196,32 @@ def test_without_the_host_only_a_guest_under_pressure_is_acted_on():
     starving = SimGuest(1 << 30, balloon=400 * MIB, used=600 * MIB)
     (decision,) = pilot.decide(2.0, None, [sample("vm", starving, 400 * MIB, 2.0)])
     assert decision.target_bytes < 400 * MIB and "pressure" in decision.reason
+
+
+def test_no_second_inflate_before_the_first_is_done_and_seen_in_fresh_statistics():
+    """Review finding: an inflate still under way was counted as spare memory again."""
+    pilot = Autopilot(Tuning(idle_s=0, interval_s=0))
+    pilot.enable("vm", VmLimits.default(1 << 30))
+    sim = SimGuest(1 << 30)
+    (first,) = pilot.decide(1.0, ROOMY_HOST, [sample("vm", sim, 0, 1.0)])
+    assert first.target_bytes > 0
+    pending = VmSample("vm", sim.guest, first.target_bytes, 0, True, sim.stats(), 1.5)
+    assert pilot.decide(2.0, ROOMY_HOST, [pending]) == []           # the guest has not given it
+    sim.run(0, first.target_bytes)
+    stale = VmSample("vm", sim.guest, first.target_bytes, first.target_bytes, True, sim.stats(), 0.9)
+    assert pilot.decide(3.0, ROOMY_HOST, [stale]) == []             # statistics older than it
+    fresh = sample("vm", sim, first.target_bytes, 4.0)
+    (second,) = pilot.decide(4.0, ROOMY_HOST, [fresh])
+    assert second.target_bytes > first.target_bytes
+
+
+def test_enabling_again_keeps_the_calm_after_pressure():
+    pilot = Autopilot(Tuning(idle_s=0, calm_s=30))
+    limits = VmLimits.default(1 << 30)
+    pilot.enable("vm", limits)
+    starving = SimGuest(1 << 30, balloon=400 * MIB, used=600 * MIB)
+    assert pilot.decide(1.0, ROOMY_HOST, [sample("vm", starving, 400 * MIB, 1.0)])
+    pilot.enable("vm", limits)
+    idle = SimGuest(1 << 30, balloon=100 * MIB)
+    assert pilot.decide(5.0, ROOMY_HOST, [sample("vm", idle, 100 * MIB, 5.0)]) == []
+    assert "calm" in pilot.status("vm")["last_decision"]

@@ -383,3 +383,46 @@ def test_the_cli_adds_removes_and_pilots(many, tmp_path, capsys):
     assert "no VM named 'c'" in capsys.readouterr().err
     assert cli(["autopilot", "disable", *control, "a"]) == 0
     assert client.request("autopilot", action="status", vm="a")["vms"][0]["enabled"] is False
+
+
+def _pilot_timers(server) -> int:
+    """Timers pending on serve's loop whose callback is the autopilot's tick."""
+    done, box = threading.Event(), []
+
+    def count() -> None:
+        box.append(sum(1 for t in server.server.loop._timers
+                       if t.pending and getattr(t.callback, "__name__", "") == "tick"))
+        done.set()
+    server.server.loop.call_soon_threadsafe(count)
+    assert done.wait(5)
+    return box[0]
+
+
+def test_enabling_the_autopilot_again_keeps_one_timer_and_disabling_stops_it(many):
+    """Review finding: every enable used to start one more timer loop, for good."""
+    server, _, client, _ = many
+    for _ in range(5):
+        client.request("autopilot", action="enable", vm="a", dry_run=True)
+    client.request("autopilot", action="enable", vm="b", dry_run=True)
+    time.sleep(1.2)                                   # a few ticks
+    assert _pilot_timers(server) == 1
+    client.request("autopilot", action="disable", vm="a")
+    client.request("autopilot", action="disable", vm="b")
+    assert _pilot_timers(server) == 0
+
+
+def test_add_never_replaces_a_file_that_is_not_a_socket(many, tmp_path):
+    """Review finding: `add` unlinked whatever was at the path when nothing answered."""
+    _, _, client, _ = many
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    with pytest.raises(RequestError, match="not a socket"):
+        client.request("add", name="c", socket=str(precious))
+    assert precious.read_text() == "keep me"
+
+
+def test_a_command_that_is_not_a_string_is_refused_and_the_client_stays(many):
+    _, _, client, _ = many
+    with pytest.raises(RequestError, match="'cmd' must be a command name"):
+        client.request(["list"])                    # type: ignore[arg-type]
+    assert client.request("list")["vms"]
