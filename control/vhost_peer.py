@@ -51,6 +51,7 @@ class VhostUserPeer:
         self.paused = False
         self.closed = False
         self._writing = False             # watching the socket for writability
+        self._watched: tuple | None = None  # what _update last set up
         self._backend_req: socket.socket | None = None
         device.on_config_change = self._config_changed
         conn.setblocking(False)
@@ -140,14 +141,19 @@ class VhostUserPeer:
             self._update()        # the hot path (all sent, nothing was pending) skips this
 
     def _update(self) -> None:
-        """Watch the sockets for what this connection can do now."""
+        """Watch the sockets for what this connection can do now (nothing to do, the common
+        case of one request answered at once, when none of that changed)."""
         if self.closed:
             return
         reading = not self.paused and not self.session.busy
+        sock = self.session.backend_req
+        key = (reading, bool(self.out), sock, bool(self.session.backend_out))
+        if key == self._watched:
+            return
+        self._watched = key
         self._writing = bool(self.out)
         self.loop.watch(self.conn, reader=self._readable if reading else None,
                         writer=self._flush if self._writing else None)
-        sock = self.session.backend_req
         if sock is not self._backend_req and self._backend_req is not None:
             self.loop.unwatch(self._backend_req)
             self._backend_req = None
@@ -160,6 +166,7 @@ class VhostUserPeer:
         if sock is self._backend_req:
             self.loop.unwatch(sock)
             self._backend_req = None
+            self._watched = None
         sock.close()
 
     def _backend_req_writable(self) -> None:
@@ -178,6 +185,7 @@ class VhostUserPeer:
         if not data:
             self.loop.unwatch(sock)
             self._backend_req = None
+            self._watched = None
 
     def _config_changed(self) -> None:
         """A new target: tell the front-end (the notice is queued, sent when possible)."""
