@@ -15,7 +15,8 @@ The rules, in order (numbers are ``Tuning``'s defaults; sizes per VM are ``VmLim
    (OOM kill, stall, direct reclaim). It is not inflated again for ``calm_s`` seconds.
 2. **Reclaim idle memory.** Memory a guest has had available beyond ``reserve + margin`` for
    ``idle_s`` seconds is taken back ``step`` at a time (at most one step per
-   ``interval_s``), never past its ``ceiling``, never leaving it less than its ``floor``.
+   ``interval_s``, and the next only once the guest gave the last and newer statistics
+   show it), never past its ``ceiling``, never leaving it less than its ``floor``.
 3. **Host-aware.** When the host is short (MemAvailable under ``host_min_available``,
    memory PSI "some" avg10 above ``host_psi``, or the guests together holding more than the
    host budget), idle memory is reclaimed at once and in steps of ``host_step``, from the
