@@ -6,7 +6,9 @@ fake driver's rings in real memfd memory; workers are real jailed processes.
 
 from __future__ import annotations
 
+import array
 import os
+import select
 import signal
 import socket
 import statistics
@@ -426,3 +428,43 @@ def test_a_command_that_is_not_a_string_is_refused_and_the_client_stays(many):
     with pytest.raises(RequestError, match="'cmd' must be a command name"):
         client.request(["list"])                    # type: ignore[arg-type]
     assert client.request("list")["vms"]
+
+
+def test_a_late_zygote_answer_is_discarded_and_its_worker_killed(tmp_path):
+    """Review finding: a slow answer used to make serve kill the zygote (and every VM's
+    worker with it); now answers carry their request's id and a stray one is dropped."""
+    import msgpack
+
+    from control.zygote import Zygote
+    from device.balloon import SECCOMP_POLICY
+
+    zygote = Zygote()
+    try:
+        def request(ident: int):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            return ours, theirs, msgpack.packb({"id": ident, "targets": [theirs.fileno()],
+                                                "command": theirs.fileno(),
+                                                "policy": str(SECCOMP_POLICY), "run_as": None})
+        sock = zygote._connection()
+        # A request whose answer nobody reads in time (as if its spawn had timed out).
+        stray_status, stray_theirs, data = request(999_999)
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                               array.array("i", [stray_theirs.fileno(), stray_theirs.fileno()]))])
+        stray_theirs.close()
+        # The next spawn gets its own answer, not the stray one.
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        worker = zygote.spawn({theirs.fileno(): 3}, 3, SECCOMP_POLICY, None)
+        theirs.close()
+        assert worker.reap() is None and _comm(worker.pid) == "vballoon-worker"
+        # The stray worker was killed: its status socket reports how it ended.
+        assert select.select([stray_status], [], [], 10)[0]
+        assert msgpack.unpackb(stray_status.recv(64)) == [None, signal.SIGKILL]
+        zygote_pid = zygote._proc.pid
+        wait_for(lambda: _children(zygote_pid) == [worker.pid], timeout=10,
+                 what="only the wanted worker left")
+        worker.kill()
+        worker.stop(2)
+        ours.close()
+        stray_status.close()
+    finally:
+        zygote.close()
