@@ -468,3 +468,52 @@ def test_a_late_zygote_answer_is_discarded_and_its_worker_killed(tmp_path):
         stray_status.close()
     finally:
         zygote.close()
+
+
+def test_a_vm_removed_while_its_worker_is_being_jailed_leaves_no_worker(tmp_path, monkeypatch):
+    """A spawn still under way when its VM goes: its worker must not outlive the VM. (The
+    review's finding — released, not killed — mattered at shutdown, where no callback runs;
+    on removal the callback's closing of the command socket ended the worker anyway.)"""
+    from control import zygote as zygote_module
+    real_spawn = zygote_module.ZYGOTE.spawn
+    started = threading.Event()
+
+    def slow_spawn(*args, **kwargs):
+        started.set()
+        time.sleep(0.5)                 # the jail's set-up takes a while this time
+        return real_spawn(*args, **kwargs)
+    monkeypatch.setattr(zygote_module.ZYGOTE, "spawn", slow_spawn)
+    options = ServeOptions(control_path=str(tmp_path / "ctl.sock"), proxy=ProxyOptions(jail=True),
+                           vms=(VmSpec("c", str(tmp_path / "c.sock")),))
+    server = ServerThread(options)
+    zygote_pid = None
+    try:
+        zygote_module.ZYGOTE.warm()
+        zygote_pid = zygote_module.ZYGOTE._proc.pid
+        before = set(_children(zygote_pid))
+        client = ControlClient(options.control_path)
+        front = Frontend(str(tmp_path / "c.sock"))
+        ram = GuestRam(16 * MIB)
+        features = linux_acks(BalloonOptions().features())
+        driver = BalloonDriver(ram, queue_layout(features), features,
+                               write_config=front.write_config)
+        setup = threading.Thread(target=lambda: _quietly(front.setup, ram, driver, features),
+                                 daemon=True)
+        setup.start()
+        assert started.wait(10)
+        assert client.request("remove", name="c") == {"removed": "c"}
+        wait_for(lambda: set(_children(zygote_pid)) <= before, timeout=10,
+                 what="no worker of the removed VM left")
+        client.close()
+        front.close()
+        driver.close()
+        ram.close()
+    finally:
+        server.stop()
+
+
+def _quietly(function, *args) -> None:
+    try:
+        function(*args)
+    except (AssertionError, OSError, EOFError):
+        pass                            # the VM went away under it: that is the point
