@@ -185,12 +185,11 @@ class Server:
     def _resolve(self, message: dict) -> Vm:
         name = message.get("vm")
         if name is None:
-            vm = self._single() if len(self.vms) == 1 else None
-            if vm is None:
+            if len(self.vms) != 1:
                 known = ", ".join(sorted(self.vms)) or "none yet"
                 raise RequestError(f"this server has {len(self.vms)} VMs: say which with "
                                    f"--vm NAME (VMs: {known})")
-            return vm
+            return next(iter(self.vms.values()))
         vm = self.vms.get(check_name(name))
         if vm is None:
             raise RequestError(f"no VM named {name!r} (VMs: {', '.join(sorted(self.vms)) or 'none'})")

@@ -34,12 +34,6 @@ class Job:
         self.owned_fds = owned_fds        # closed once ``run`` returned
         self.result: Any = None
         self.cancelled = False            # set before it runs: it is skipped
-        self.finished = threading.Event()
-
-    def wait(self, timeout: float) -> Any:
-        """The result, waiting for it at most ``timeout`` s (``serve`` shutting down);
-        None if it did not come."""
-        return self.result if self.finished.wait(timeout) else None
 
 
 class Spawner:
@@ -72,7 +66,6 @@ class Spawner:
             finally:
                 for fd in job.owned_fds:
                     os.close(fd)
-                job.finished.set()
             job.loop.call_soon_threadsafe(lambda job=job: job.done(job.result))
 
 

@@ -59,7 +59,6 @@ log = logging.getLogger("vballoon.supervisor")
 
 IDLE, STARTING, ACTIVE, STOPPING = "idle", "starting", "active", "stopping"
 RESTARTING, FAILED, UNRESPONSIVE = "restarting", "failed", "unresponsive"
-SPAWN_WAIT = 6.0                # a jail's set-up deadline (5 s) and a margin
 MAX_OUTGOING = 64               # datagrams queued for a worker that is not reading
 MAX_READS_PER_WAKE = 64         # datagrams read from the worker before others get a turn
 GAUGES = frozenset({"pending_pages"})   # counters that are a level, not a running total
@@ -311,16 +310,11 @@ class Supervisor:
                 timer.cancel()
         job, self._job, self._spawn_token = self._job, None, None
         if job is not None:
-            # A jail being set up: cancel it if it has not begun, else wait for it (bounded
-            # by its set-up deadline) and end it here, since the loop may never run its
-            # callback once ``serve`` is gone. Its callback then does nothing.
+            # A jail being set up: nothing waits for it. Not begun: it is skipped. Begun:
+            # its worker finds its command socket closed and ends on its own, and its
+            # result, if the loop is still running, is ended and released on arrival.
             job.cancelled = True
-            job.done = lambda result: None
-            result = job.wait(SPAWN_WAIT)
-            if isinstance(result, tuple):
-                result[0].kill()
-                result[0].release()
-                worker_ids.release(result[1])
+            job.done = lambda result: _discard(result) if isinstance(result, tuple) else None
             self._job_parent_end.close()
         worker = self.worker
         pending: list[_Pending] = []
@@ -465,11 +459,9 @@ class Supervisor:
             return
         worker, ident = result
         if token is not self._spawn_token or self.state != STARTING:
-            # Stopped or terminated while its jail was being set up: not wanted any more.
+            # Stopped while its jail was being set up: not wanted any more.
             parent_end.close()
-            worker.kill()
-            worker.release()
-            worker_ids.release(ident)
+            _discard(result)
             return
         self._worker_id = ident
         # The newest activation: a poison value the driver wrote meanwhile is in it.
@@ -704,6 +696,14 @@ class Supervisor:
         if state != self.state:
             self.state = state
             self.on_event("state", {"state": state})
+
+
+def _discard(spawned: tuple[WorkerHandle, int | None]) -> None:
+    """End a worker nobody wants any more (its spawn finished too late) and free its id."""
+    worker, ident = spawned
+    worker.kill()
+    worker.release()
+    worker_ids.release(ident)
 
 
 def read_ring_bases(loop: EventLoop, options: ProxyOptions, activation: Activation,
