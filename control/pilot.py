@@ -33,10 +33,6 @@ class Pilot:
         self._seen: dict[str, float | None] = {}       # stats time last decided on, per VM
         self.last_host: HostSample | None = None
 
-    @property
-    def enabled(self) -> set[str]:
-        return set(self.core.vms)
-
     def enable(self, vm: Vm, floor: int | None, reserve: int | None, ceiling: int | None,
                dry_run: bool) -> dict:
         device = vm.device
