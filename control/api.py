@@ -32,6 +32,8 @@ class Counters:
     bad_buffers: int = 0
     suppressed_errors: int = 0
     kicks: int = 0
+    empty_kicks: int = 0
+    kick_pauses: int = 0
     worker_restarts: int = 0
 
     @classmethod

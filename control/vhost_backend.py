@@ -120,6 +120,7 @@ class VhostUserSession:
 
     def __init__(self, device: VmDevice, profile: FrontendProfile = DEFAULT_PROFILE) -> None:
         self.log = VmLog(log, device.name)
+        self._debug = log.isEnabledFor(logging.DEBUG)   # (two config messages per MiB)
         self.device = device
         self.profile = profile
         self.state = SessionState()
@@ -154,7 +155,8 @@ class VhostUserSession:
         if isinstance(event, vu.RejectedRequest):
             self.log.warning("refused vhost-user request %s: %s", event.request, event.error)
             return self._fail(event, conn)
-        self.log.debug("vhost-user %s", event)
+        if self._debug:
+            self.log.debug("vhost-user %s", event)
         try:
             result = self._dispatch(event, conn)
         except (ControlError, DeviceError, OSError) as exc:
@@ -209,6 +211,16 @@ class VhostUserSession:
 
     def _dispatch(self, event: vu.Request, conn: vu.BackendConnection) -> Any:
         match event:
+            # The guest's balloon driver reads the target and writes ``actual`` once per
+            # 256 pages it moves: these two come first.
+            case vu.GetConfig():
+                self._hint_config_size(event.size)
+                data = self.device.read_config(event.offset, event.size)
+                return conn.reply_config(event.offset, event.size, event.flags,
+                                         data.ljust(event.size, b"\0"))
+            case vu.SetConfig():
+                self.device.write_config(event.offset, event.data)
+                return None
             case vu.SetOwner():
                 return None
             case vu.GetFeatures():
@@ -259,14 +271,6 @@ class VhostUserSession:
                 return self._get_vring_base(event, conn)
             case vu.ResetDevice() | vu.ResetOwner():
                 return self.reset()
-            case vu.GetConfig():
-                self._hint_config_size(event.size)
-                data = self.device.read_config(event.offset, event.size)
-                return conn.reply_config(event.offset, event.size, event.flags,
-                                         data.ljust(event.size, b"\0"))
-            case vu.SetConfig():
-                self.device.write_config(event.offset, event.data)
-                return None
         for fd in event.carried_fds:      # e.g. ADD_MEM_REG: never offered, fd refused
             os.close(fd)
         raise ControlError(f"vhost-user {type(event).__name__} is not supported")

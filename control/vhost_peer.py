@@ -30,6 +30,9 @@ log = logging.getLogger("vballoon.vhost")
 
 FRONTEND_HIGH_WATER = 64 * 1024    # unread vhost-user replies: stop reading the front-end
 FRONTEND_LOW_WATER = 16 * 1024     # ... and read again once this little is left
+# Plain ints: combining the socket module's flag enums costs more than the call they go to.
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+_CTRUNC = int(socket.MSG_CTRUNC)
 
 
 class VhostUserPeer:
@@ -64,8 +67,8 @@ class VhostUserPeer:
             # recvmsg, not socket.recv_fds: on 3.11 recv_fds drops its flags, and the fds
             # must arrive close-on-exec so no child inherits them unless given on purpose.
             data, ancillary, flags, _ = self.conn.recvmsg(
-                vu.RECV_SIZE, vu.ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
-            fds = vu.fds_from_ancillary(ancillary)
+                vu.RECV_SIZE, vu.ANCILLARY_SIZE, _RECV_FLAGS)
+            fds = vu.fds_from_ancillary(ancillary) if ancillary else []
         except BlockingIOError:
             return
         except OSError as exc:
@@ -73,7 +76,7 @@ class VhostUserPeer:
             return
         try:
             if data:
-                self.codec.receive_data(data, fds, fds_truncated=bool(flags & socket.MSG_CTRUNC))
+                self.codec.receive_data(data, fds, fds_truncated=bool(flags & _CTRUNC))
             else:
                 self.codec.receive_eof()
             self._process()

@@ -19,9 +19,7 @@ setup it runs only in the worker.
 
 from __future__ import annotations
 
-import functools
 import logging
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,7 +30,7 @@ from device.errors import (BadBufferLayout, FeatureError, GuestError, InvalidQue
                            InvalidTarget)
 from device.memory import SMALL_PAGE, GuestMemory, MemoryRegion
 from device.notify import signal_fd
-from device.pfn import compact_pfns
+from device.pfn import compact_pfn_bytes
 from device.release import PageReleaser
 from device.stats import MAX_STATS_BUFFER, StatsSnapshot, parse_stats
 from device.virtqueue import BadChain, DescriptorChain, QueueConfig, SplitQueue
@@ -277,8 +275,7 @@ class BalloonQueues:
         for desc in chain.readable:
             if desc.length % PFN_SIZE:
                 raise BadBufferLayout(f"PFN buffer of {desc.length} bytes is not whole le32s")
-            pfns = self.memory.unpack_from(_pfn_array(desc.length // PFN_SIZE), desc.addr)
-            ranges.extend(compact_pfns(pfns))
+            ranges.extend(compact_pfn_bytes(self.memory.read(desc.addr, desc.length)))
         self._pass_ranges += len(ranges)
         return ranges
 
@@ -390,12 +387,6 @@ class BalloonQueues:
         held stats buffer) must be taken again by whoever serves the ring next.
         """
         return {name: q.next_used for name, q in self.queues.items()}
-
-
-@functools.lru_cache(maxsize=64)
-def _pfn_array(count: int) -> struct.Struct:
-    """The layout of ``count`` le32 PFNs (cached: nearly every buffer holds 256)."""
-    return struct.Struct(f"<{count}I")
 
 
 def build_queues(memory: GuestMemory, features: int, specs: list[QueueSpec]) -> dict[str, SplitQueue]:

@@ -125,6 +125,7 @@ class GuestMemory:
             self.close()
             raise InvalidMemoryTable(f"cannot map guest memory: {exc}") from exc
         self._views = [memoryview(m) for m in self._maps]
+        self._handed: list[memoryview] = []     # views given out, released on close
 
     @property
     def size(self) -> int:
@@ -137,9 +138,11 @@ class GuestMemory:
         return self.regions[-1].end
 
     def close(self) -> None:
-        """Unmap every region. The fds in the table are not closed (the caller owns them)."""
-        for view in getattr(self, "_views", []):
+        """Unmap every region. The fds in the table are not closed (the caller owns them).
+        Every view given out is released first: using one afterwards raises ValueError."""
+        for view in getattr(self, "_handed", []) + getattr(self, "_views", []):
             view.release()
+        self._handed = []
         for m in self._maps:
             m.close()
         self._maps = []
@@ -166,9 +169,12 @@ class GuestMemory:
         raise AddressOutOfRange(f"guest range {addr:#x}+{length:#x} is not inside guest memory")
 
     def view(self, addr: int, length: int) -> memoryview:
-        """A writable memoryview of ``[addr, addr+length)``; valid until ``close()``."""
+        """A writable memoryview of ``[addr, addr+length)``, bounds-checked once, for a
+        structure read over and over (a virtqueue's rings); released by ``close()``."""
         i, offset = self.locate(addr, length)
-        return self._views[i][offset:offset + length]
+        view = self._views[i][offset:offset + length]
+        self._handed.append(view)
+        return view
 
     def read(self, addr: int, length: int) -> bytes:
         i, offset = self.locate(addr, length)

@@ -20,23 +20,22 @@ def signal_fd(fd: int) -> None:
         pass
 
 
-def drain_fd(fd: int) -> bool:
-    """Consume pending events on a non-blocking kick fd; True if there were any.
+def drain_fd(fd: int) -> bool | None:
+    """Consume pending events on a non-blocking kick fd with one read: True if there were
+    any, False if none, None if the fd reached end of file (a socket or pipe whose writer
+    closed: it will never kick again, and stays readable for ever).
 
-    Reads at most 8 bytes a call and at most 64 calls, so a peer flooding a socket cannot
-    keep the worker here.
+    An eventfd gives every pending kick in one read. A socket or pipe gives at most 64
+    bytes a call; what is left keeps it readable, so the caller's next poll comes back for
+    it, one bounded read per pass however hard a peer floods.
     """
-    got = False
-    for _ in range(64):
+    while True:
         try:
-            data = os.read(fd, 8)
+            data = os.read(fd, 64)
         except BlockingIOError:
-            return got
+            return False
         except OSError as exc:
             if exc.errno == errno.EINTR:
                 continue
             raise
-        if not data:
-            return got
-        got = True
-    return got
+        return True if data else None

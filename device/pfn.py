@@ -7,6 +7,8 @@ difference between ~1 GiB/s and ~15 GiB/s (DESIGN.md).
 
 from __future__ import annotations
 
+import functools
+import struct
 from collections.abc import Sequence
 
 
@@ -36,3 +38,33 @@ def compact_pfns(pfns: Sequence[int]) -> list[tuple[int, int]]:
         prev = pfn
     ranges.append((start, prev - start + 1))
     return ranges
+
+
+@functools.lru_cache(maxsize=64)
+def _run_constants(n: int) -> tuple[int, int, struct.Struct]:
+    """For n le32 digits: A = sum(2**(32*i)), B = sum(i * 2**(32*i)), and their layout."""
+    return (sum(1 << 32 * i for i in range(n)), sum(i << 32 * i for i in range(n)),
+            struct.Struct(f"<{n}I"))
+
+
+def compact_pfn_bytes(data: bytes) -> list[tuple[int, int]]:
+    """``compact_pfns`` of the little-endian u32 PFNs in ``data`` (whole u32s only).
+
+    The common buffers, one run of consecutive PFNs downwards (Linux) or upwards, are
+    recognised without unpacking them: read as one little-endian number, the buffer
+    ``x, x-1, ..., x-n+1`` equals ``x*A - B`` (upwards ``x*A + B``) with ``A`` and ``B``
+    fixed for ``n``. Every digit of those numbers lies in [0, 2**32) (the last PFN is a u32
+    read from the buffer itself), so the representation is unique and equality means the
+    buffer holds exactly that run. Anything else is unpacked and merged as usual.
+    """
+    n = len(data) // 4
+    if n == 0:
+        return []
+    a, b, layout = _run_constants(n)
+    first = int.from_bytes(data[:4], "little")
+    last = int.from_bytes(data[-4:], "little")
+    if first - last == n - 1 and int.from_bytes(data, "little") == first * a - b:
+        return [(last, n)]
+    if last - first == n - 1 and int.from_bytes(data, "little") == first * a + b:
+        return [(first, n)]
+    return compact_pfns(layout.unpack(data))

@@ -32,6 +32,7 @@ MAX_QUEUE_SIZE = 32768
 
 DESC = struct.Struct("<QIHH")
 USED_ELEM = struct.Struct("<II")
+_U16 = struct.Struct("<H")
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,10 @@ class SplitQueue:
         self.memory = memory
         self.config = config
         self.size = size
+        # The rings, bounds-checked once: every buffer reads and writes them several times.
+        self._desc = memory.view(config.desc_addr, 16 * size)
+        self._avail = memory.view(config.avail_addr, 6 + 2 * size)
+        self._used = memory.view(config.used_addr, 6 + 8 * size)
         self.next_avail = next_avail & 0xFFFF
         self.next_used = next_used & 0xFFFF
         self._signalled_used = self.next_used
@@ -127,7 +132,7 @@ class SplitQueue:
     # -- driver -> device ------------------------------------------------------------------
 
     def avail_idx(self) -> int:
-        return self.memory.read_u16(self.config.avail_addr + 2)
+        return _U16.unpack_from(self._avail, 2)[0]
 
     def pending(self) -> int:
         """How many buffers the driver has made available that we have not taken.
@@ -152,8 +157,7 @@ class SplitQueue:
         """
         if not self.pending():
             return None
-        slot = self.config.avail_addr + 4 + 2 * (self.next_avail % self.size)
-        head = self.memory.read_u16(slot)
+        head = _U16.unpack_from(self._avail, 4 + 2 * (self.next_avail % self.size))[0]
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         if head >= self.size:
             raise DescriptorIndexOutOfRange(f"avail ring names descriptor {head} >= {self.size}")
@@ -171,7 +175,10 @@ class SplitQueue:
             if ttl == 0:
                 raise DescriptorLoop(f"chain is longer than its table ({table_size})")
             ttl -= 1
-            addr, length, flags, next_index = self.memory.unpack_from(DESC, table + 16 * index)
+            if indirect:
+                addr, length, flags, next_index = self.memory.unpack_from(DESC, table + 16 * index)
+            else:
+                addr, length, flags, next_index = DESC.unpack_from(self._desc, 16 * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if indirect:
                     raise NestedIndirect("indirect descriptor inside an indirect table")
@@ -208,10 +215,9 @@ class SplitQueue:
 
         The element is written before the index that publishes it.
         """
-        elem = self.config.used_addr + 4 + 8 * (self.next_used % self.size)
-        self.memory.pack_into(USED_ELEM, elem, head, length)
+        USED_ELEM.pack_into(self._used, 4 + 8 * (self.next_used % self.size), head, length)
         self.next_used = (self.next_used + 1) & 0xFFFF
-        self.memory.write_u16(self.config.used_addr + 2, self.next_used)
+        _U16.pack_into(self._used, 2, self.next_used)
 
     def needs_notification(self) -> bool:
         """Whether the driver asked to be told about the buffers used since the last call.
@@ -224,13 +230,13 @@ class SplitQueue:
         if old == new:
             return False
         if self.config.event_idx:
-            used_event = self.memory.read_u16(self.config.avail_addr + 4 + 2 * self.size)
+            used_event = _U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
             return vring_need_event(used_event, new, old)
-        return not self.memory.read_u16(self.config.avail_addr) & VRING_AVAIL_F_NO_INTERRUPT
+        return not _U16.unpack_from(self._avail, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT
 
     def enable_notification(self) -> None:
         """Ask the driver to kick for the next buffer (writes avail_event with EVENT_IDX)."""
         if self.config.event_idx:
-            self.memory.write_u16(self.config.used_addr + 4 + 8 * self.size, self.next_avail)
+            _U16.pack_into(self._used, 4 + 8 * self.size, self.next_avail)
         else:
-            self.memory.write_u16(self.config.used_addr, 0)
+            _U16.pack_into(self._used, 0, 0)

@@ -36,6 +36,7 @@ from device.command import (FD_MESSAGES, MAX_MESSAGE, Activate, CountersEvent, E
                             RequestStats, RingBases, SetCallFd, SetPoison, StatsEvent, clip,
                             decode, encode, reply_error, reply_ok)
 from device.errors import DeviceError, GuestError, InvalidQueueConfig
+from device.kicks import KickBudget
 from device.memory import GuestMemory, MemoryRegion
 from device.notify import drain_fd, signal_fd
 from device.stats import StatsSnapshot
@@ -89,6 +90,10 @@ class Worker:
         self._errors_window = (0.0, 0)
         self.suppressed_errors = 0
         self.kicks = 0
+        self.empty_kicks = 0              # kicks that found no buffer
+        self.kick_pauses = 0              # times kicks went unwatched (empty-kick budget spent)
+        self._kick_budget = KickBudget()
+        self._kicks_paused_until: float | None = None
         # Counters go to the parent at most every COUNTERS_INTERVAL, only when they moved
         # (no wake-ups when idle), so they survive this worker's death (issue 16.5).
         self._counters_dirty = False
@@ -112,31 +117,74 @@ class Worker:
         # buffers left (``self.again``): never on a command alone, since a driver that
         # went away without telling us may have freed and reused its rings' memory.
         while self.running:
+            kicked = []
             for fd, mask in self.poller.poll(self._timeout()):
                 if fd == self.command_fd:
                     if mask & _POLL_IN:
                         self._on_commands()
                     elif mask & _POLL_GONE:
                         self.running = False
-                elif fd in self.kick_fds:
-                    drain_fd(fd)
-                    self.kicks += 1
-                    self._counters_dirty = True
-                    self.again.add(self.kick_fds[fd])
+                    continue
+                name = self.kick_fds.get(fd)
+                if name is None:
+                    continue
+                got = drain_fd(fd)
+                if got is None or not got and mask & _POLL_GONE:
+                    self._drop_kick_fd(fd, name)
+                elif got:
+                    kicked.append(name)
+                    self.again.add(name)
             if self.queues is not None and self.running:
+                found = 0
                 for name in sorted(self.again):
-                    self.queues.process(name)
+                    handled = self.queues.process(name)
+                    if name in kicked:
+                        found += handled
                     if not self.queues.has_pending(name):
                         self.again.discard(name)
                 now = time.monotonic()
+                if kicked:
+                    self._counted_kicks(len(kicked), found, now)
+                elif self._kicks_paused_until is not None and now >= self._kicks_paused_until:
+                    self._watch_kicks(True)
                 self.queues.tick(now)
                 if self._counters_dirty and now - self._counters_sent_at >= COUNTERS_INTERVAL:
                     self._send_counters(now)
         self._unmap()
 
+    def _counted_kicks(self, count: int, found: int, now: float) -> None:
+        self.kicks += count
+        self._counters_dirty = True
+        if found:
+            return
+        self.empty_kicks += count
+        pause = self._kick_budget.spend(now)
+        if pause:
+            self.kick_pauses += 1
+            self._kicks_paused_until = now + pause
+            self._watch_kicks(False)
+
+    def _watch_kicks(self, watch: bool) -> None:
+        """Start or stop watching every kick fd (stopped: a kick waits in its eventfd)."""
+        for fd in self.kick_fds:
+            if watch:
+                self.poller.register(fd, _POLL_IN)
+            else:
+                self.poller.unregister(fd)
+        if watch:
+            self._kicks_paused_until = None
+
+    def _drop_kick_fd(self, fd: int, name: str) -> None:
+        """A kick fd that hung up (a socket or pipe whose writer closed) would wake us for
+        ever: stop watching it. Its queue is still looked at on the others' kicks."""
+        self.poller.unregister(fd)
+        del self.kick_fds[fd]
+        self.log.warning("the %s queue's kick fd hung up: no more kicks from it", name)
+
     def counters(self) -> dict[str, int]:
         values = asdict(self.queues.counters) if self.queues is not None else {}
-        return {**values, "kicks": self.kicks, "suppressed_errors": self.suppressed_errors}
+        return {**values, "kicks": self.kicks, "empty_kicks": self.empty_kicks,
+                "kick_pauses": self.kick_pauses, "suppressed_errors": self.suppressed_errors}
 
     def _send_counters(self, now: float) -> None:
         self._counters_dirty = False
@@ -150,6 +198,9 @@ class Worker:
             return 0
         now = time.monotonic()
         due = self.queues.stats_timeout(now)
+        if self._kicks_paused_until is not None:
+            left = max(0.0, self._kicks_paused_until - now)
+            due = left if due is None else min(due, left)
         if self._counters_dirty:
             left = max(0.0, self._counters_sent_at + COUNTERS_INTERVAL - now)
             due = left if due is None else min(due, left)

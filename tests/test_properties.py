@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from device.config import CONFIG_SIZE, BalloonConfig
 from device.errors import ConfigAccessError, DeviceError
 from device.memory import GuestMemory
-from device.pfn import compact_pfns
+from device.pfn import compact_pfn_bytes, compact_pfns
 from device.stats import STAT_NAMES, parse_stats
 from device.virtqueue import DESC, QueueConfig, SplitQueue
 from tests.driver import GuestRam
@@ -32,6 +32,22 @@ def test_compact_pfns_loses_nothing_and_adds_nothing(pfns):
     for (a, n), (b, _) in zip(ranges, ranges[1:]):
         assert a + n < b                     # sorted, disjoint, not even adjacent
     assert all(count > 0 for _, count in ranges)
+
+
+runs_and_near_runs = st.builds(
+    lambda start, n, step, poke: [start + i * step for i in range(n)][:poke[0]]
+    + [poke[1]] + [start + i * step for i in range(n)][poke[0] + 1:],
+    st.integers(0, 2**32 - 301), st.integers(1, 300), st.sampled_from([-1, 1]),
+    st.tuples(st.integers(0, 300), st.integers(0, 2**32 - 1)))
+
+
+@given(pfn_lists | runs_and_near_runs)
+def test_compact_pfn_bytes_is_compact_pfns_of_the_le32_values(pfns):
+    """The arithmetic shortcut for whole runs never accepts anything else: runs with
+    one PFN changed (or none), anywhere in u32 space, and arbitrary lists."""
+    pfns = [p for p in pfns if 0 <= p < 2**32]
+    data = b"".join(p.to_bytes(4, "little") for p in pfns)
+    assert compact_pfn_bytes(data) == compact_pfns(pfns)
 
 
 @given(st.integers(-8, CONFIG_SIZE + 8), st.integers(-1, CONFIG_SIZE + 8))

@@ -373,3 +373,88 @@ def test_a_guest_that_drops_reporting_is_a_warning_in_status(ram):
     proxy.ack_features(proxy.device_features & ~(1 << VIRTIO_BALLOON_F_REPORTING))
     (warning,) = proxy.device.warnings()
     assert "did not accept it" in warning and "--no-page-poison" in warning
+
+
+# -- kicks that carry nothing -----------------------------------------------------------------
+
+def _cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` (schedstat), in ns."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total
+
+
+def test_a_kick_flood_costs_the_host_a_bounded_number_of_wakeups_and_delays_no_buffer(ram, proxied):
+    """A guest kicking the inflate queue in a loop with nothing in it: the worker wakes for
+    empty kicks at most 1000 times a second (plus a burst of 100), so the flood costs the
+    host under 1 % of a CPU; a buffer made available in the middle of it is still served."""
+    import threading
+    import time
+    from device.kicks import EMPTY_KICK_BURST, EMPTY_KICKS_PER_SECOND
+    proxy, driver = proxied
+    ram.populate()
+    inflate = driver.queues["inflate"]
+    worker_pid = proxy.worker.pid if proxy.proxy.jail else None
+    stop, sent = threading.Event(), [0]
+
+    def flood() -> None:
+        while not stop.is_set():
+            inflate.kick()
+            sent[0] += 1
+    before = proxy.request("state")["counters"]
+    cpu0 = _cpu_ns(worker_pid) if worker_pid else 0
+    thread = threading.Thread(target=flood, daemon=True)
+    start = time.monotonic()
+    thread.start()
+    try:
+        time.sleep(0.5)
+        driver.inflate(256)                          # 1 MiB, kicked among the flood
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join()
+    elapsed = time.monotonic() - start
+    cpu = (_cpu_ns(worker_pid) - cpu0) / 1e9 if worker_pid else None
+    assert ram.host_bytes() == ram.size - MIB               # the buffer was served
+    counters = wait_for(lambda: _moved(proxy, before), what="the counters")
+    empty = counters["empty_kicks"] - before["empty_kicks"]
+    assert sent[0] > 20 * empty > 0, (sent[0], empty)  # kicks merged and paused, not each a wake
+    assert empty <= EMPTY_KICKS_PER_SECOND * (elapsed + 0.1) + EMPTY_KICK_BURST
+    assert counters["kick_pauses"] > before["kick_pauses"]
+    if cpu is not None:
+        assert cpu < 0.1 * elapsed, f"the worker used {cpu:.3f} s of CPU in {elapsed:.2f} s"
+
+
+def _moved(proxy, before: dict) -> dict | None:
+    counters = proxy.request("state")["counters"]
+    return counters if counters["kick_pauses"] > before["kick_pauses"] else None
+
+
+def test_a_kick_fd_that_hangs_up_is_dropped_and_the_other_queues_keep_serving(ram, tmp_path):
+    """A front-end may pass any fd as a kick fd; one whose writer closed is readable for
+    ever (end of file). The worker stops watching it instead of spinning on it."""
+    import socket
+    import time
+    proxy, driver = make_proxy(ram, True)
+    ours, theirs = socket.socketpair()
+    specs = driver.specs()
+    specs[0] = type(specs[0])(specs[0].config, theirs.fileno(), specs[0].call_fd)
+    proxy.activate([ram.region()], specs)
+    theirs.close()
+    try:
+        ours.close()                                   # the inflate queue's kicker is gone
+        pid = proxy.worker.pid
+        time.sleep(0.2)
+        cpu0 = _cpu_ns(pid)
+        time.sleep(0.5)
+        assert _cpu_ns(pid) - cpu0 < 50_000_000        # idle, not spinning on end of file
+        ram.populate()
+        driver.deflate(0)
+        driver.send_stats({VIRTIO_BALLOON_S_MEMFREE: 1})  # another queue still works
+        wait_for(lambda: proxy.stats.values == {"free_memory": 1}, what="stats")
+        assert proxy.worker.pid == pid and proxy.state == ACTIVE
+    finally:
+        proxy.reset()
+        driver.close()

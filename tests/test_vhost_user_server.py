@@ -653,8 +653,8 @@ def test_a_replaced_backend_channel_is_unwatched_before_it_is_closed(served):
         session = server.server.session
         session.handle(vu.SetBackendReqFd(os.dup(theirs.fileno())), server.server.frontend.codec)
         # Right after the request, before anything else runs in the loop:
-        return [key.fd for key in loop.selector.get_map().values()
-                if hasattr(key.fileobj, "fileno") and key.fileobj.fileno() == -1]
+        return [r.fileobj for r in loop.registrations()
+                if hasattr(r.fileobj, "fileno") and r.fileobj.fileno() == -1]
     try:
         assert loop.call_sync(replace_and_look) == []      # nothing closed is still watched
         with ControlClient(options.control_path) as client:
