@@ -46,3 +46,59 @@ def punch_ranges(fd: int, ranges: list[tuple[int, int]]) -> float:
     for first, count in ranges:
         punch(fd, first * PAGE, count * PAGE)
     return time.perf_counter() - start
+
+
+# -- the pages a real guest's balloon freed ----------------------------------------------------
+
+def file_extents(path: str) -> tuple[int, list[tuple[int, int]]]:
+    """``(size, [(lo, hi), ...])``: the byte ranges of ``path`` backed by memory now."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        extents, pos = [], 0
+        while pos < size:
+            try:
+                lo = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:            # ENXIO: nothing but holes from here
+                break
+            hi = os.lseek(fd, lo, os.SEEK_HOLE)
+            extents.append((lo, hi))
+            pos = hi
+        return size, extents
+    finally:
+        os.close(fd)
+
+
+def freed_extents(before: list[tuple[int, int]],
+                  after: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The byte ranges backed in ``before`` and not in ``after`` (both sorted, disjoint)."""
+    freed, j = [], 0
+    for lo, hi in before:
+        pos = lo
+        while j < len(after) and after[j][1] <= pos:
+            j += 1
+        k = j
+        while pos < hi:
+            if k >= len(after) or after[k][0] >= hi:
+                freed.append((pos, hi))
+                break
+            a, b = after[k]
+            if a > pos:
+                freed.append((pos, a))
+            pos = max(pos, b)
+            k += 1
+    return freed
+
+
+def split_extents(extents: list[tuple[int, int]],
+                  per_call: int = PFNS_PER_BUFFER) -> list[tuple[int, int]]:
+    """Byte ranges as ``(first_pfn, count)`` calls of at most ``per_call`` pages (what one
+    inflate buffer can free)."""
+    calls = []
+    for lo, hi in extents:
+        pfn, end = lo // PAGE, hi // PAGE
+        while pfn < end:
+            count = min(per_call, end - pfn)
+            calls.append((pfn, count))
+            pfn += count
+    return calls

@@ -22,14 +22,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))        # the fake driver lives in tests/
 
-from bench import (autopilot_eval, footprint, kicks, many_vms, qemu_side,  # noqa: E402
-                   realguest, serve, startup, throughput)
+from bench import (autopilot_eval, device_cost, footprint, kicks, many_vms,  # noqa: E402
+                   qemu_side, realguest, serve, startup, throughput)
 from bench.plot import write_plot  # noqa: E402
 from bench.results import Report  # noqa: E402
 from bench.system import GIB, MIB, Budget, cpu_pair, machine, machine_line, pinned  # noqa: E402
 
-SECTIONS = ("throughput", "startup", "footprint", "guest", "scaling", "kicks", "qemu", "many",
-            "autopilot")
+SECTIONS = ("throughput", "startup", "footprint", "guest", "scaling", "kicks", "qemu", "cost",
+            "many", "autopilot")
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,10 @@ class Plan:
     many_idle: float
     pilot_guests: int
     pilot_seconds: float
+    cost_uml_rounds: int
+    cost_qemu_rounds: int
+    config_pairs: int
+    operator_rounds: int
 
 
 FULL = Plan(budget=400, throughput_size=GIB, throughput_reps=5, activation_runs=30,
@@ -66,14 +70,16 @@ FULL = Plan(budget=400, throughput_size=GIB, throughput_reps=5, activation_runs=
             trace_size=GIB, scaling_sizes=(256 * MIB, 512 * MIB, GIB, 2 * GIB, 4 * GIB),
             scaling_fixed=256 * MIB, scaling_full_limit=GIB, scaling_reps=3, kick_seconds=3.0,
             qemu_sizes=(256 * MIB, 512 * MIB), qemu_runs=7, many_counts=(1, 10, 100),
-            many_idle=10.0, pilot_guests=4, pilot_seconds=60.0)
+            many_idle=10.0, pilot_guests=4, pilot_seconds=60.0, cost_uml_rounds=7,
+            cost_qemu_rounds=5, config_pairs=20000, operator_rounds=7)
 QUICK = Plan(budget=45, throughput_size=256 * MIB, throughput_reps=1, activation_runs=5,
              serve_runs=2, footprint_size=256 * MIB, guest_sizes=(64 * MIB, 256 * MIB),
              guest_runs=1, guest_mem_mib=512, guest_placements=("same",),
              trace_size=256 * MIB, scaling_sizes=(256 * MIB, GIB), scaling_fixed=64 * MIB,
              scaling_full_limit=256 * MIB, scaling_reps=1, kick_seconds=0.5,
              qemu_sizes=(256 * MIB,), qemu_runs=1, many_counts=(1, 10), many_idle=2.0,
-             pilot_guests=2, pilot_seconds=20.0)
+             pilot_guests=2, pilot_seconds=20.0, cost_uml_rounds=1, cost_qemu_rounds=1,
+             config_pairs=2000, operator_rounds=1)
 
 
 def log(message: str) -> None:
@@ -154,10 +160,16 @@ def run(plan: Plan, only: list[str], args: argparse.Namespace, argv: list[str] |
                                    device_placement, budget, log)
     if "kicks" in only:
         with pinned({device_cpu}):
-            kicks.run_kick_flood(report, plan.kick_seconds, device_placement, log)
+            kicks.run_kick_flood(report, plan.kick_seconds, device_placement, log,
+                                 other_cpu if other_cpu != device_cpu else None)
     if "qemu" in only:
         qemu_side.run_side_by_side(report, list(plan.qemu_sizes), plan.qemu_runs, device_cpu,
                                    Budget(plan.budget), log)
+    if "cost" in only:
+        device_cost.run_beyond_kernel(report, device_cpu, plan.cost_uml_rounds,
+                                      plan.cost_qemu_rounds, Budget(plan.budget), log)
+        device_cost.run_config_round_trips(report, device_cpu, plan.config_pairs, log)
+        device_cost.run_operator_view(report, device_cpu, plan.operator_rounds, log)
     if "many" in only:
         many_vms.run_many(report, list(plan.many_counts), {device_cpu},
                           {other_cpu, device_cpu}, plan.many_idle, log)

@@ -214,7 +214,8 @@ class VhostUserSession:
             # The guest's balloon driver reads the target and writes ``actual`` once per
             # 256 pages it moves: these two come first.
             case vu.GetConfig():
-                self._hint_config_size(event.size)
+                if event.size < 8:
+                    self._hint_config_size(event.size)
                 data = self.device.read_config(event.offset, event.size)
                 return conn.reply_config(event.offset, event.size, event.flags,
                                          data.ljust(event.size, b"\0"))

@@ -99,6 +99,8 @@ class VhostUserPeer:
                 break
             if reply is not None:
                 self._send(reply)
+            if self.codec.idle:
+                break             # the usual case: one message read, answered
         self._update()
 
     def _on_late_reply(self, reply: bytes | None) -> None:
@@ -118,6 +120,18 @@ class VhostUserPeer:
     # -- writing ---------------------------------------------------------------------------------
 
     def _send(self, data: bytes) -> None:
+        if not self.out and not self.closed:
+            # The usual case, nothing queued: straight to the socket, no buffer in between.
+            try:
+                sent = self.conn.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.close(f"send failed: {exc}")
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
         self.out += data
         self._flush()
 

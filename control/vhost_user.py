@@ -422,6 +422,8 @@ _MEM_TABLE_HEADER = struct.Struct("<II")  # nregions, padding
 _MEM_REGION = struct.Struct("<QQQQ")
 _MEM_REG_MSG = struct.Struct("<QQQQQ")  # padding, then one region
 _CONFIG_HEADER = struct.Struct("<III")  # offset, size, flags
+_CONFIG_REPLY_HEADER = struct.Struct("<IIIIII")  # message header, then the config header
+_ACK_REPLY = struct.Struct("<IIIQ")             # message header, then the u64 status
 
 _U64_LIMIT = 1 << 64
 
@@ -553,6 +555,10 @@ class _Framer:
         return self._eof and not self._buffer and not self._batches
 
     def receive_data(self, data: bytes, fds: Sequence[int], fds_truncated: bool) -> None:
+        if not fds and not fds_truncated and self._unusable is None and not self._eof \
+                and len(self._buffer) + len(data) <= self._max_buffer_size:
+            self._buffer += data          # the usual case: bytes alone, room for them
+            return
         fds = tuple(fds)
         if self._unusable is not None or self._eof:
             _close_all(fds)
@@ -1218,8 +1224,11 @@ class _Endpoint:
 # --------------------------------------------------------------------------------------
 
 
+_REPLY_FLAGS = VHOST_USER_VERSION | VHOST_USER_REPLY_MASK
+
+
 def _reply(request: int, payload: bytes = b"") -> bytes:
-    return _encode(request, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, payload)
+    return _encode(request, _REPLY_FLAGS, payload)
 
 
 class BackendConnection(_Endpoint):
@@ -1253,6 +1262,13 @@ class BackendConnection(_Endpoint):
             max_held_fds=max_held_fds,
         )
         self._owed: Request | RejectedRequest | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing buffered and no reply owed: ``next_event`` would say NEED_DATA (unless
+        the stream ended). A cheap check for a loop that answers one message per read."""
+        framer = self._framer
+        return self._owed is None and not framer._buffer and not framer._eof
 
     def next_event(self) -> BackendEvent | NeedData:
         """The next event, NEED_DATA, or ConnectionClosed (repeatedly) after a clean end.
@@ -1302,7 +1318,8 @@ class BackendConnection(_Endpoint):
         self._check_owed(request)
         if request in REQUESTS_WITH_REPLY:
             raise ReplyMismatch(f"{_name(request)} has a reply body; it cannot be acked")
-        return self._settle(_reply(request, _pack(_U64, 0 if ok else 1)))
+        self._owed = None
+        return _ACK_REPLY.pack(request, _REPLY_FLAGS, _U64.size, 0 if ok else 1)
 
     def reply_vring_state(self, index: int, num: int) -> bytes:
         """Reply to GET_VRING_BASE for vring ``index`` with its base ``num``."""
@@ -1320,8 +1337,10 @@ class BackendConnection(_Endpoint):
             raise ReplyMismatch(f"GET_CONFIG reply {echo} does not echo {owed}")
         if len(data) != size:
             raise ReplyMismatch(f"GET_CONFIG reply carries {len(data)} bytes, not {size}")
-        payload = _pack(_CONFIG_HEADER, offset, size, flags) + data
-        return self._settle(_reply(FrontendRequest.GET_CONFIG, payload))
+        # Header and config header in one pack: a guest reads config space once per MiB.
+        self._owed = None
+        return _CONFIG_REPLY_HEADER.pack(FrontendRequest.GET_CONFIG, _REPLY_FLAGS,
+                                         _CONFIG_HEADER.size + size, offset, size, flags) + data
 
     def reply_config_failure(self) -> bytes:
         """Fail a GET_CONFIG (accepted or rejected): the spec's zero-length reply."""

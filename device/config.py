@@ -54,6 +54,9 @@ class BalloonConfig:
         ``ConfigAccessError`` (changing nothing) for an empty span or one that leaves config
         space.
         """
+        if offset == ACTUAL_OFFSET and len(data) == 4:
+            self.actual = int.from_bytes(data, "little")   # what Linux writes, once per MiB
+            return
         if offset < 0 or not data or offset + len(data) > CONFIG_SIZE:
             raise ConfigAccessError(f"config write at {offset} of {len(data)} bytes is outside "
                                     f"the {CONFIG_SIZE}-byte config space")
