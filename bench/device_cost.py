@@ -343,6 +343,20 @@ def _pairs(sock: socket.socket, count: int) -> None:
         sock.recv(4096)
 
 
+BATCHES = 3          # each figure of section 11 is the median of this many batches
+
+
+def _cpu_per_pair(sock: socket.socket, pid: int, pairs: int) -> list[float]:
+    """µs of ``pid``'s CPU per pair, for each of BATCHES batches of ``pairs`` in all."""
+    samples = []
+    for _ in range(BATCHES):
+        before = process_cpu_ns(pid)
+        _pairs(sock, pairs // BATCHES)
+        samples.append((process_cpu_ns(pid) - before) / 1000 / (pairs // BATCHES))
+    _pairs(sock, pairs - BATCHES * (pairs // BATCHES))      # what the floor server counts
+    return samples
+
+
 def _floor_server(sock: socket.socket, count: int) -> None:
     """The least a Python event loop does per message: wait, receive (fds allowed), send a
     reply built in advance."""
@@ -400,9 +414,14 @@ def _worker_per_buffer(cpu: int, buffers: int) -> tuple[float, float]:
             try:
                 pfns = rig.driver.take_pages(buffers * 256)
                 rig.driver.send_pfns(INFLATE_QUEUE, pfns[:64 * 256], 1)      # warm up
-                before = rig.worker_cpu_ns()
-                rig.driver.send_pfns(INFLATE_QUEUE, pfns[64 * 256:], 1)
-                worker = (rig.worker_cpu_ns() - before) / 1000 / (buffers - 64)
+                batch = (buffers - 64) // BATCHES
+                samples = []
+                for k in range(BATCHES):
+                    part = pfns[(64 + k * batch) * 256:(64 + (k + 1) * batch) * 256]
+                    before = rig.worker_cpu_ns()
+                    rig.driver.send_pfns(INFLATE_QUEUE, part, 1)
+                    samples.append((rig.worker_cpu_ns() - before) / 1000 / batch)
+                worker = statistics.median(samples)
             finally:
                 rig.close()
     finally:
@@ -418,9 +437,13 @@ def _worker_per_buffer(cpu: int, buffers: int) -> tuple[float, float]:
                 finally:
                     os._exit(0)
             _kick_round_trips(kick, call, 200)
-            before = process_cpu_ns(child)
-            _kick_round_trips(kick, call, buffers)
-            floor = (process_cpu_ns(child) - before) / 1000 / buffers
+            samples = []
+            for _ in range(BATCHES):
+                before = process_cpu_ns(child)
+                _kick_round_trips(kick, call, buffers // BATCHES)
+                samples.append((process_cpu_ns(child) - before) / 1000 / (buffers // BATCHES))
+            _kick_round_trips(kick, call, buffers - BATCHES * (buffers // BATCHES))
+            floor = statistics.median(samples)
             os.waitpid(child, 0)
     finally:
         os.close(kick)
@@ -457,9 +480,7 @@ def run_config_round_trips(report: Report, cpu: int, pairs: int,
             frontend.setup(ram, driver, 0)
             serve.wait_active()
             _pairs(frontend.sock, 500)
-            before = process_cpu_ns(serve.pid)
-            _pairs(frontend.sock, pairs)
-            served = (process_cpu_ns(serve.pid) - before) / 1000 / pairs
+            served = statistics.median(_cpu_per_pair(frontend.sock, serve.pid, pairs))
             frontend.close()
             driver.close()
         finally:
@@ -475,9 +496,7 @@ def run_config_round_trips(report: Report, cpu: int, pairs: int,
                 os._exit(0)
         theirs.close()
         _pairs(ours, 500)
-        before = process_cpu_ns(child)
-        _pairs(ours, pairs)
-        floor = (process_cpu_ns(child) - before) / 1000 / pairs
+        floor = statistics.median(_cpu_per_pair(ours, child, pairs))
         ours.close()
         os.waitpid(child, 0)
     worker, kick_floor = _worker_per_buffer(cpu, min(pairs // 10, 960))

@@ -68,7 +68,7 @@ FULL = Plan(budget=400, throughput_size=GIB, throughput_reps=5, activation_runs=
             serve_runs=10, footprint_size=GIB, guest_sizes=(64 * MIB, 256 * MIB, GIB),
             guest_runs=7, guest_mem_mib=1536, guest_placements=("same", "different"),
             trace_size=GIB, scaling_sizes=(256 * MIB, 512 * MIB, GIB, 2 * GIB, 4 * GIB),
-            scaling_fixed=256 * MIB, scaling_full_limit=GIB, scaling_reps=3, kick_seconds=3.0,
+            scaling_fixed=256 * MIB, scaling_full_limit=GIB, scaling_reps=5, kick_seconds=3.0,
             qemu_sizes=(256 * MIB, 512 * MIB), qemu_runs=7, many_counts=(1, 10, 100),
             many_idle=10.0, pilot_guests=4, pilot_seconds=60.0, cost_uml_rounds=7,
             cost_qemu_rounds=5, config_pairs=20000, operator_rounds=7)

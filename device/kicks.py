@@ -6,8 +6,12 @@ keep a host CPU busy for nothing, far more than inflating for real would. So wak
 find no buffer spend tokens from a bucket refilled at ``rate`` a second (holding at most
 ``burst``); once it is empty the worker stops watching the kick fds until one token is back
 (``1 / rate`` s). A kick that waits is not lost, only late: the eventfd keeps its count, and
-the next look at the ring finds whatever the guest made available meanwhile. A guest that
-kicks with buffers never spends a token, so its latency is never touched.
+the next look at the ring finds whatever the guest made available meanwhile.
+
+Only an empty wake-up that follows another empty one spends a token. A busy guest makes some
+empty ones honestly (the worker took its buffer in the pass before, while the kick was on
+its way), but never two in a row without a buffer between them; a guest that kicks with
+buffers is never slowed down.
 """
 
 from __future__ import annotations
@@ -22,12 +26,24 @@ EMPTY_KICK_BURST = 100.0
 class KickBudget:
     rate: float = EMPTY_KICKS_PER_SECOND
     burst: float = EMPTY_KICK_BURST
-    tokens: float = EMPTY_KICK_BURST
+    tokens: float | None = None       # starts full: ``burst``
     stamp: float | None = None
+    last_empty: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tokens is None:
+            self.tokens = self.burst
+
+    def found(self) -> None:
+        """A wake-up found buffers: the next empty one is free."""
+        self.last_empty = False
 
     def spend(self, now: float) -> float:
         """Count one empty wake-up at ``now``; return 0.0 while within budget, else how
         many seconds the caller should stop watching kicks."""
+        if not self.last_empty:
+            self.last_empty = True
+            return 0.0
         if self.stamp is not None:
             self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now

@@ -156,6 +156,7 @@ class Worker:
         self.kicks += count
         self._counters_dirty = True
         if found:
+            self._kick_budget.found()
             return
         self.empty_kicks += count
         pause = self._kick_budget.spend(now)

@@ -409,3 +409,20 @@ def test_snapshot_carries_the_poison_value(ram):
     balloon.reset()
     assert balloon.poison_val is None                                    # a reset forgets it
     driver.close()
+
+
+# -- the empty-kick budget (device.kicks) -----------------------------------------------------
+
+def test_only_empty_wakeups_in_a_row_spend_the_kick_budget():
+    from device.kicks import KickBudget
+    budget = KickBudget(rate=10.0, burst=2.0)
+    # A busy guest: each empty wake-up follows one that found buffers: never paused.
+    for step in range(100):
+        budget.found()
+        assert budget.spend(step * 1e-3) == 0.0
+    # A flood: the first empty one is free, two more take the burst, then 1/rate pauses.
+    budget.found()
+    assert [budget.spend(1.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert budget.spend(1.0) == pytest.approx(0.1)
+    # Refilled over time at ``rate``: the debt of one token, and one more, 0.25 s later.
+    assert budget.spend(1.25) == 0.0

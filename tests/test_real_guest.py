@@ -195,3 +195,83 @@ def _inode(path: str) -> tuple[int, int]:
 def _status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def _serve(vhost, ctl) -> "subprocess.Popen":
+    import subprocess
+    import sys
+    return subprocess.Popen([sys.executable, "-m", "control.cli", "serve", "--socket", str(vhost),
+                             "--control", str(ctl), "--log-level", "warning"],
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def test_a_serve_crash_costs_the_guest_its_balloon_never_a_page_and_a_new_serve_serves(tmp_path):
+    """What README's "What a serve crash costs each front-end" says of UML, as a test:
+    SIGKILL to serve's whole process group (parent, zygote, worker) with 64 MiB in the
+    balloon. The guest keeps running; UML drops the device with the balloon's pages in it,
+    so they stay the host's (the guest's MemTotal stays 64 MiB lower, and filling the guest's
+    memory does not bring the host memory behind them back); a new serve starts at once on
+    the same sockets and serves a new guest."""
+    from control.client import ControlClient
+    vhost, ctl = tmp_path / "v.sock", tmp_path / "c.sock"
+    server = _serve(vhost, ctl)
+    guest = UmlGuest(GuestConfig(mem_mib=GUEST_MIB, vhost_socket=str(vhost)))
+    second = None
+    try:
+        wait_for(lambda: ctl.exists(), what="serve's control socket")
+        guest.start()
+        guest.wait_ready()
+        guest.fill_memory(180)
+        guest.free_memory()
+        with ControlClient(str(ctl)) as client:
+            wait_for(lambda: client.request("status")["state"] == "active", what="activation")
+            total_before = guest.meminfo()["MemTotal"]
+            client.request("set", size=64 * MIB)
+            assert client.request("wait", timeout=30.0, stall=5.0)["outcome"] == "settled"
+        host_ballooned = guest.host_ram_bytes()
+        assert "virtio" in guest.run("ls /sys/bus/virtio/devices/")
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+        # The guest runs on without its balloon device, and never gets those pages back.
+        wait_for(lambda: "virtio" not in guest.run("ls /sys/bus/virtio/devices/ 2>/dev/null; true"),
+                 what="UML to drop the device")
+        assert guest.meminfo()["MemTotal"] <= total_before - 60 * 1024
+        guest.fill_memory(150)                          # everything the guest has left ...
+        guest.free_memory()
+        ram_size = guest.ram_files()[0].size
+        assert guest.host_ram_bytes() <= ram_size - 60 * MIB, \
+            "a page the host freed was backed again: the guest used a ballooned page"
+        assert host_ballooned <= ram_size - 60 * MIB
+        # A new serve replaces the stale sockets and serves a new guest.
+        second = _serve(vhost, ctl)
+        wait_for(lambda: _answers(ctl), what="the new serve")
+        with ControlClient(str(ctl)) as client:
+            assert client.request("status")["state"] == "waiting"
+        other = UmlGuest(GuestConfig(mem_mib=GUEST_MIB, vhost_socket=str(vhost)))
+        try:
+            other.start()
+            other.wait_ready()
+            with ControlClient(str(ctl)) as client:
+                wait_for(lambda: client.request("status")["state"] == "active",
+                         what="the new guest's activation")
+                client.request("set", size=16 * MIB)
+                assert client.request("wait", timeout=30.0, stall=5.0)["outcome"] == "settled"
+        finally:
+            other.stop()
+    finally:
+        guest.stop()
+        for proc in (server, second):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def _answers(ctl) -> bool:
+    from control.client import ControlClient
+    from control.errors import ControlError
+    try:
+        with ControlClient(str(ctl)) as client:
+            client.request("status")
+        return True
+    except (ControlError, OSError):
+        return False
