@@ -90,7 +90,7 @@ class Side:
 
     def device_cpu_ns(self) -> int:
         if self.serve is not None:
-            return tree_cpu_ns([self.serve.pid, *descendants(self.serve.pid)])
+            return tree_cpu_ns(descendants(self.serve.pid))     # serve and all below it
         return task_cpu_ns(self.guest.pid, self.guest.pid)      # QEMU's main thread
 
     def qemu_cpu_ns(self) -> int:

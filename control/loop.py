@@ -205,8 +205,10 @@ class EventLoop:
         if timeout is None or (due is not None and due < timeout):
             timeout = due
         if timeout is None:
-            timeout = -1
-        elif timeout > 0:
+            timeout = -1                                 # epoll: wait as long as it takes
+        elif timeout <= 0:
+            timeout = 0                                  # (a negative one would mean that)
+        else:
             timeout = math.ceil(timeout * 1e3) * 1e-3     # epoll counts whole milliseconds
         registered = self._registered
         # Each event with the registration it was for: a callback earlier in this batch may

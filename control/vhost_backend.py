@@ -214,7 +214,7 @@ class VhostUserSession:
             # The guest's balloon driver reads the target and writes ``actual`` once per
             # 256 pages it moves: these two come first.
             case vu.GetConfig():
-                if event.size < 8:
+                if event.size < 8 and "config-size" not in self._hints:
                     self._hint_config_size(event.size)
                 data = self.device.read_config(event.offset, event.size)
                 return conn.reply_config(event.offset, event.size, event.flags,

@@ -92,6 +92,7 @@ class Worker:
         self.kicks = 0
         self.empty_kicks = 0              # kicks that found no buffer
         self.kick_pauses = 0              # times kicks went unwatched (empty-kick budget spent)
+        self.unkicked: set[str] = set()   # queues whose kick fd hung up
         self._kick_budget = KickBudget()
         self._kicks_paused_until: float | None = None
         # Counters go to the parent at most every COUNTERS_INTERVAL, only when they moved
@@ -134,6 +135,8 @@ class Worker:
                 elif got:
                     kicked.append(name)
                     self.again.add(name)
+            if kicked and self.unkicked:
+                self.again |= self.unkicked      # looked at whenever another queue is kicked
             if self.queues is not None and self.running:
                 found = 0
                 for name in sorted(self.again):
@@ -180,7 +183,10 @@ class Worker:
         ever: stop watching it. Its queue is still looked at on the others' kicks."""
         self.poller.unregister(fd)
         del self.kick_fds[fd]
-        self.log.warning("the %s queue's kick fd hung up: no more kicks from it", name)
+        self.unkicked.add(name)
+        self.again.add(name)
+        self.log.warning("the %s queue's kick fd hung up: it is looked at whenever another "
+                         "queue is kicked", name)
 
     def counters(self) -> dict[str, int]:
         values = asdict(self.queues.counters) if self.queues is not None else {}

@@ -72,3 +72,11 @@ def test_call_sync_runs_in_the_loop_thread_and_returns_or_raises(loop):
     loop.call_soon_threadsafe(stop)
     thread.join(5)
     assert not thread.is_alive()
+
+
+def test_a_timeout_already_past_does_not_wait(loop):
+    """epoll reads a negative timeout as "for ever": a deadline already past polls once."""
+    import time
+    start = time.monotonic()
+    loop.run_once(-0.5)
+    assert time.monotonic() - start < 1.0

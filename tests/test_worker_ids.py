@@ -234,6 +234,10 @@ def test_unprivileged_workers_run_as_subordinate_ids_of_their_own(devices):
 @pytest.mark.skipif(not idmap.helpers_available(), reason="newuidmap/newgidmap missing (Debian uidmap)")
 def test_worker_ids_narrows_the_subordinate_ids_and_no_subordinate_ids_falls_back_with_a_warning(devices):
     def body():
+        from control.worker_ids import ids_in_use
+        from tests.driver import wait_for
+        # A worker of an earlier test may still be exiting under this id.
+        wait_for(lambda: SUB_FIRST + 5 not in ids_in_use(), what="the id to be free")
         proxy = _activate(devices, worker_ids=(SUB_FIRST + 5, SUB_FIRST + 5))
         assert _ids(proxy.worker.pid)[0] == {SUB_FIRST + 5}
         # A range outside the delegation: the worker maps our own uid, and the log says why.
