@@ -31,6 +31,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import kernel
@@ -151,44 +152,69 @@ class _Round:
         return self.per_gib(self.worker + self.parent - self.kernel)
 
 
+@dataclass
+class _Target:
+    """A running guest with its serve: what a round needs of either front-end."""
+
+    name: str
+    guest: object                      # fill_memory(mib), free_memory()
+    ram_path: str
+    worker: int                        # the jailed worker's pid
+    parent: int                        # serve's pid
+    balloon: Callable[[int], object]   # set the balloon and wait until it got there
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds of the worker (and anything below it) and of serve, now."""
+        return (tree_cpu_ns(descendants(self.worker)) / 1e9, process_cpu_ns(self.parent) / 1e9)
+
+
+def _measure_rounds(target: _Target, rounds: int, cpu: int, size: int, budget: Budget,
+                    log: Callable[[str], None]) -> list[_Round]:
+    out: list[_Round] = []
+    for n in range(rounds):
+        if n >= 3 and budget.left() < 0:
+            break
+        target.guest.fill_memory(size // MIB + 64)
+        target.guest.free_memory()
+        file_size, before = kernel.file_extents(target.ram_path)
+        worker0, parent0 = target.cpu()
+        target.balloon(size)
+        worker1, parent1 = target.cpu()
+        freed = kernel.freed_extents(before, kernel.file_extents(target.ram_path)[1])
+        target.balloon(0)
+        row = _Round(worker1 - worker0, parent1 - parent0, _replay(freed, file_size, cpu),
+                     sum(hi - lo for lo, hi in freed))
+        log(f"device cost, {target.name} round {n + 1}: worker {row.per_gib(row.worker):.0f}, "
+            f"parent {row.per_gib(row.parent):.0f}, kernel {row.per_gib(row.kernel):.0f}"
+            f" ms/GiB -> beyond {row.beyond:.1f} ms/GiB")
+        out.append(row)
+    if _perf_available():
+        target.guest.fill_memory(size // MIB + 64)
+        target.guest.free_memory()
+        profiles = _profile_round(lambda: target.balloon(size),
+                                  {"worker": target.worker, "parent": target.parent})
+        target.balloon(0)
+        if profiles:
+            _PROFILES[target.name] = profiles
+    return out
+
+
 def _uml_rounds(rounds: int, cpu: int, size: int, budget: Budget,
                 log: Callable[[str], None]) -> list[_Round]:
     from bench.realguest import RigError, start_rig
-    out: list[_Round] = []
+
     with tempfile.TemporaryDirectory(prefix="vballoon-cost-") as tmp:
         rig = start_rig(Path(tmp), "jailed", 1536, {cpu}, {cpu})
+
+        def balloon(target_size: int) -> None:
+            _, reply = rig.set_and_wait(target_size)
+            if reply["outcome"] != "settled":
+                raise RigError(f"balloon to {target_size // MIB} MiB: {reply['outcome']}")
         try:
-            for n in range(rounds):
-                if n >= 3 and budget.left() < 0:
-                    break
-                rig.guest.fill_memory(size // MIB + 64)
-                rig.guest.free_memory()
-                file_size, before = kernel.file_extents(rig.ram_path)
-                r0 = rig.reading()
-                _, reply = rig.set_and_wait(size)
-                r1 = rig.reading()
-                if reply["outcome"] != "settled":
-                    raise RigError(f"inflating to {size // MIB} MiB: {reply['outcome']}")
-                freed = kernel.freed_extents(before, kernel.file_extents(rig.ram_path)[1])
-                rig.set_and_wait(0)
-                d = r1.since(r0)
-                row = _Round(d["worker"], d["parent"], _replay(freed, file_size, cpu),
-                             sum(hi - lo for lo, hi in freed))
-                log(f"device cost, UML round {n + 1}: worker {row.per_gib(row.worker):.0f}, "
-                    f"parent {row.per_gib(row.parent):.0f}, kernel {row.per_gib(row.kernel):.0f}"
-                    f" ms/GiB -> beyond {row.beyond:.1f} ms/GiB")
-                out.append(row)
-            if _perf_available():
-                rig.guest.fill_memory(size // MIB + 64)
-                rig.guest.free_memory()
-                profiles = _profile_round(lambda: rig.set_and_wait(size),
-                                          {"worker": rig.worker_pids[0], "parent": rig.serve.pid})
-                rig.set_and_wait(0)
-                if profiles:
-                    _PROFILES["UML"] = profiles
+            return _measure_rounds(_Target("UML", rig.guest, rig.ram_path, rig.worker_pids[0],
+                                           rig.serve.pid, balloon), rounds, cpu, size, budget, log)
         finally:
             rig.stop()
-    return out
 
 
 _PROFILES: dict[str, dict[str, dict[str, float]]] = {}
@@ -213,42 +239,16 @@ def _profile_round(action: Callable[[], object],
 def _qemu_rounds(rounds: int, cpu: int, size: int, budget: Budget,
                  log: Callable[[str], None]) -> list[_Round]:
     from bench.qemu_side import start_side
-    out: list[_Round] = []
     with tempfile.TemporaryDirectory(prefix="vballoon-cost-qemu-") as tmp:
         side = start_side("vballoon", Path(tmp), {cpu})
         try:
-            ram_path = side.guest.ram_files()[0].path
-            serve = side.serve.pid
             with side.serve.client() as client:
                 worker = client.request("status")["worker_pid"]
-            for n in range(rounds):
-                if n >= 3 and budget.left() < 0:
-                    break
-                side.guest.fill_memory(size // MIB + 64)
-                side.guest.free_memory()
-                file_size, before = kernel.file_extents(ram_path)
-                parent0, worker0 = process_cpu_ns(serve), tree_cpu_ns(descendants(worker))
-                side.balloon(size)
-                parent1, worker1 = process_cpu_ns(serve), tree_cpu_ns(descendants(worker))
-                freed = kernel.freed_extents(before, kernel.file_extents(ram_path)[1])
-                side.balloon(0)
-                row = _Round((worker1 - worker0) / 1e9, (parent1 - parent0) / 1e9,
-                             _replay(freed, file_size, cpu), sum(hi - lo for lo, hi in freed))
-                log(f"device cost, QEMU round {n + 1}: worker {row.per_gib(row.worker):.0f}, "
-                    f"parent {row.per_gib(row.parent):.0f}, kernel {row.per_gib(row.kernel):.0f}"
-                    f" ms/GiB -> beyond {row.beyond:.1f} ms/GiB")
-                out.append(row)
-            if _perf_available():
-                side.guest.fill_memory(size // MIB + 64)
-                side.guest.free_memory()
-                profiles = _profile_round(lambda: side.balloon(size),
-                                          {"worker": worker, "parent": serve})
-                side.balloon(0)
-                if profiles:
-                    _PROFILES["QEMU"] = profiles
+            return _measure_rounds(_Target("QEMU", side.guest, side.guest.ram_files()[0].path,
+                                           worker, side.serve.pid, side.balloon),
+                                   rounds, cpu, size, budget, log)
         finally:
             side.stop()
-    return out
 
 
 BEYOND_HEADERS = ["front-end", "inflated", "worker ms/GiB", "parent ms/GiB",

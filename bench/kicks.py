@@ -11,9 +11,10 @@ empty-kick budget (``device.kicks``) must keep the flood far below that.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from bench.guestmem import FakeGuest
 from bench.results import Report, fmt
@@ -25,6 +26,21 @@ HEADERS = ["mode", "kicks sent", "worker woke", "worker CPU ms", "µs per kick"]
 PACE = 2e-3        # 500 kicks a second: below the empty-kick budget, each one a wake-up
 FLOOD_HEADERS = ["mode", "what the guest does", "kicks sent", "empty wake-ups", "pauses",
                  "worker CPU ms per s"]
+
+
+@contextlib.contextmanager
+def _rig(mode: str, size: int) -> Iterator[tuple[FakeGuest, object]]:
+    """A fake guest of ``size`` bytes and a device of ``mode`` over it, both closed after.
+    Raises ModeUnavailable."""
+    guest = FakeGuest(size)
+    try:
+        rig = start_rig(guest.ram, mode)
+        try:
+            yield guest, rig
+        finally:
+            rig.close()
+    finally:
+        guest.close()
 
 
 def run_kick_flood(report: Report, seconds: float, placement: str,
@@ -42,15 +58,8 @@ def _paced(report: Report, seconds: float, placement: str,
                        "second, so each is a wake-up; the pause between them leaves caches "
                        "as cold as a guest would); CPU per empty wake-up the worker counted.")
     for mode in ("jailed", "thread"):
-        guest = FakeGuest(64 << 20)
         try:
-            try:
-                rig = start_rig(guest.ram, mode)
-            except ModeUnavailable as exc:
-                log(f"kick flood, {mode}: unavailable ({exc})")
-                table.rows.append([mode, "-", "-", "-", "unavailable"])
-                continue
-            try:
+            with _rig(mode, 64 << 20) as (_, rig):
                 kick_fd = rig.driver.queues[INFLATE_QUEUE].kick_fd
                 one = (1).to_bytes(8, "little")
                 before = rig.worker_cpu_ns()
@@ -65,10 +74,10 @@ def _paced(report: Report, seconds: float, placement: str,
                 time.sleep(0.3)                       # the worker reports its counters
                 woke = rig.device.counters().get("empty_kicks", 0) - kicks_before
                 cpu = (rig.worker_cpu_ns() or 0) - (before or 0)
-            finally:
-                rig.close()
-        finally:
-            guest.close()
+        except ModeUnavailable as exc:
+            log(f"kick flood, {mode}: unavailable ({exc})")
+            table.rows.append([mode, "-", "-", "-", "unavailable"])
+            continue
         per_kick = cpu / 1000 / woke if woke else None
         log(f"kick flood, {mode}: {sent} sent, {woke} woke the worker, "
             f"{cpu / 1e6:.1f} ms worker CPU, {per_kick and round(per_kick, 1)} µs per kick")
@@ -86,14 +95,8 @@ def _unpaced(report: Report, seconds: float, other_cpu: int,
                        "buffer per kick. Goal: a flood costs the host less than inflating.")
     one = (1).to_bytes(8, "little")
     for mode in ("jailed", "thread"):
-        guest = FakeGuest(512 << 20)
         try:
-            try:
-                rig = start_rig(guest.ram, mode)
-            except ModeUnavailable as exc:
-                table.rows.append([mode, "-", "-", "-", "-", f"unavailable ({exc})"])
-                continue
-            try:
+            with _rig(mode, 512 << 20) as (guest, rig):
                 queue = rig.driver.queues[INFLATE_QUEUE]
                 counters0 = rig.device.counters()
                 cpu0 = rig.worker_cpu_ns() or 0
@@ -117,10 +120,9 @@ def _unpaced(report: Report, seconds: float, other_cpu: int,
                     rig.driver.send_pfns(INFLATE_QUEUE, pfns, 1)
                     inflate_s = time.monotonic() - start
                 inflate_cpu = ((rig.worker_cpu_ns() or 0) - cpu1) / 1e6 / inflate_s
-            finally:
-                rig.close()
-        finally:
-            guest.close()
+        except ModeUnavailable as exc:
+            table.rows.append([mode, "-", "-", "-", "-", f"unavailable ({exc})"])
+            continue
         empty = counters1.get("empty_kicks", 0) - counters0.get("empty_kicks", 0)
         pauses = counters1.get("kick_pauses", 0) - counters0.get("kick_pauses", 0)
         log(f"unpaced kick flood, {mode}: {sent} sent, {empty} empty wake-ups, {pauses} "
