@@ -1,7 +1,7 @@
 """How often a guest's empty kicks may wake the worker (sans-I/O: the caller gives the time).
 
 A kick with no buffer behind it costs the guest one eventfd write and the host a wake-up and
-a look at the rings (about 8 µs, ``make bench`` section 6): a guest kicking in a loop could
+a look at the rings (about 14 µs, ``make bench`` section 6): a guest kicking in a loop could
 keep a host CPU busy for nothing, far more than inflating for real would. So wake-ups that
 find no buffer spend tokens from a bucket refilled at ``rate`` a second (holding at most
 ``burst``); once it is empty the worker stops watching the kick fds until one token is back
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-EMPTY_KICKS_PER_SECOND = 1000.0   # at ~8 µs each: under 1 % of a CPU at most
+EMPTY_KICKS_PER_SECOND = 1000.0   # a flood then costs the worker ~2.5 % of a CPU (bench 6b)
 EMPTY_KICK_BURST = 100.0
 
 
