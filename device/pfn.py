@@ -63,6 +63,8 @@ def compact_pfn_bytes(data: bytes) -> list[tuple[int, int]]:
     n = len(data) // 4
     if n == 0:
         return []
+    if len(data) != 4 * n:
+        data = data[:4 * n]                 # a trailing part of a u32 is no PFN
     a, b, layout = _run_constants(n)
     first = int.from_bytes(data[:4], "little")
     last = int.from_bytes(data[-4:], "little")
