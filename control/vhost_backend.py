@@ -476,10 +476,9 @@ class VhostUserSession:
             self.log.warning("%s", text)
 
     def _hint_config_size(self, size: int) -> None:
-        if size < 8:
-            self._hint("config-size", f"the front-end reads {size} bytes of config space, "
-                       f"the guest needs 8 (num_pages, actual): with QEMU, give "
-                       f"vhost-user-test-device-pci config_size=8")
+        self._hint("config-size", f"the front-end reads {size} bytes of config space, "
+                   f"the guest needs 8 (num_pages, actual): with QEMU, give "
+                   f"vhost-user-test-device-pci config_size=8")
 
     def _maybe_activate(self) -> Handler:
         names = self.device.queue_names()

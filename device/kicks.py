@@ -16,7 +16,7 @@ buffers is never slowed down.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 EMPTY_KICKS_PER_SECOND = 1000.0   # a flood then costs the worker ~2.5 % of a CPU (bench 6b)
 EMPTY_KICK_BURST = 100.0
@@ -26,13 +26,12 @@ EMPTY_KICK_BURST = 100.0
 class KickBudget:
     rate: float = EMPTY_KICKS_PER_SECOND
     burst: float = EMPTY_KICK_BURST
-    tokens: float | None = None       # starts full: ``burst``
+    tokens: float = field(init=False)     # starts full: ``burst``
     stamp: float | None = None
     last_empty: bool = False
 
     def __post_init__(self) -> None:
-        if self.tokens is None:
-            self.tokens = self.burst
+        self.tokens = self.burst
 
     def found(self) -> None:
         """A wake-up found buffers: the next empty one is free."""
