@@ -34,6 +34,7 @@ class Counters:
     kicks: int = 0
     empty_kicks: int = 0
     kick_pauses: int = 0
+    frontend_pauses: int = 0
     worker_restarts: int = 0
 
     @classmethod

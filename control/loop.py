@@ -157,6 +157,10 @@ class EventLoop:
         heapq.heappush(self._timers, timer)
         return timer
 
+    def call_soon(self, callback: Callback) -> None:
+        """Run ``callback`` after the callbacks of this batch (from the loop's thread)."""
+        self._soon.append(callback)
+
     def call_soon_threadsafe(self, callback: Callback) -> None:
         """Run ``callback`` in the loop's thread, soon (from any thread)."""
         self._soon.append(callback)

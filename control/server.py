@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import stat
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -589,5 +590,12 @@ SERVER_COMMANDS = {"list": Server._cmd_list, "add": Server._cmd_add, "remove": S
                    "autopilot": Server._cmd_autopilot}
 
 
+# The spawner thread runs Python for a few ms per worker spawn; the loop thread waiting for
+# the GIL meanwhile would delay every VM's replies by up to Python's default 5 ms interval.
+GIL_SWITCH_INTERVAL = 0.0005
+
+
 def serve(options: ServeOptions) -> None:
+    """``vballoon serve``: serve ``options`` in this process until SIGTERM/SIGINT."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     Server(options).run()

@@ -8,6 +8,16 @@ reply buffer. Nothing here blocks.
 - A request the session answers later (the worker has to stop or start first) is the only
   one in flight: no further request is read until its reply is queued, so replies stay in
   order and the codec holds at most one message.
+- Fair to the other VMs on the loop: one turn handles at most ``MESSAGES_PER_TURN`` of
+  the requests one read brought; the rest wait for the next turn (after every other ready
+  connection had its own), and the socket is not read again until they are handled. A
+  front-end flooding its socket delays another VM's reply by a few messages, not by a
+  whole read's worth (a 4 KiB read holds up to ~340 requests).
+- Bounded: a front-end may send ``REQUESTS_PER_SECOND`` requests a second (``REQUEST_BURST``
+  at once); past that its socket is read no faster. An honest front-end sends ~2 per MiB
+  its guest inflates: ~5 000 a second here for UML inflating at full speed, <10 000 at the
+  kernel's limit. A flood (~180 000 a second otherwise) then costs ``serve`` about a fifth
+  of a CPU, not all of the one thread that serves every VM. Counted in ``frontend_pauses``.
 - Config-change notices on the backend-request channel are queued the same way (and
   coalesced by the session).
 - Any unexpected error in this connection's handling ends this connection, with its
@@ -18,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Callable
 
 from control import vhost_user as vu
@@ -25,6 +36,7 @@ from control.logs import VmLog
 from control.loop import EventLoop
 from control.vhost_backend import MAX_QUEUES, PENDING, FrontendGone, VhostUserSession
 from control.vmdevice import VmDevice
+from device.tokens import TokenBucket
 
 log = logging.getLogger("vballoon.vhost")
 
@@ -33,6 +45,10 @@ FRONTEND_LOW_WATER = 16 * 1024     # ... and read again once this little is left
 # Plain ints: combining the socket module's flag enums costs more than the call they go to.
 _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
 _CTRUNC = int(socket.MSG_CTRUNC)
+MESSAGES_PER_TURN = 8              # requests handled per turn before the other connections'
+REQUESTS_PER_SECOND = 40_000.0     # a front-end's requests, sustained ...
+REQUEST_BURST = 4_000.0            # ... and at once
+BILL_EVERY = 32                    # requests counted against the budget together
 
 
 class VhostUserPeer:
@@ -53,6 +69,10 @@ class VhostUserPeer:
         self.out = bytearray()
         self.paused = False
         self.closed = False
+        self._held = False                # requests left for a later turn: not reading
+        self._budget = TokenBucket(REQUESTS_PER_SECOND, REQUEST_BURST)
+        self._throttled_once = False
+        self._unbilled = 0                # requests handled, not yet counted in _budget
         self._writing = False             # watching the socket for writability
         self._watched: tuple | None = None  # what _update last set up
         self._backend_req: socket.socket | None = None
@@ -74,10 +94,17 @@ class VhostUserPeer:
         except OSError as exc:
             self.close(f"receive failed: {exc}")
             return
+        self._serve_buffered(data, fds, bool(flags & _CTRUNC))
+
+    def _serve_buffered(self, data: bytes | None = None, fds: list[int] = (),
+                        fds_truncated: bool = False) -> None:
+        """Take in what a read brought (``data``; b"" at EOF), or nothing when called for a
+        later turn, and handle the requests buffered."""
+        self._held = False
         try:
             if data:
-                self.codec.receive_data(data, fds, fds_truncated=bool(flags & _CTRUNC))
-            else:
+                self.codec.receive_data(data, fds, fds_truncated=fds_truncated)
+            elif data is not None:
                 self.codec.receive_eof()
             self._process()
         except (vu.VhostUserError, FrontendGone) as exc:
@@ -86,7 +113,9 @@ class VhostUserPeer:
             self._on_session_error(None)
 
     def _process(self) -> None:
-        """Handle requests until the codec needs data or one is answered later."""
+        """Handle requests until the codec needs data, one is answered later, or this turn's
+        share is spent (the rest then in a later turn of the loop)."""
+        handled = 0
         while not self.closed and not self.session.busy:
             event = self.codec.next_event()
             if isinstance(event, vu.NeedData):
@@ -94,14 +123,40 @@ class VhostUserPeer:
             if isinstance(event, vu.ConnectionClosed):
                 self.close("front-end disconnected")
                 return
+            handled += 1
             reply = self.session.handle(event, self.codec)
             if reply is PENDING:
                 break
             if reply is not None:
                 self._send(reply)
-            if self.codec.idle:
+            if self.codec.idle or handled == MESSAGES_PER_TURN:
                 break             # the usual case: one message read, answered
+        if handled and not self.closed:
+            wait = 0.0
+            self._unbilled += handled
+            if self._unbilled >= BILL_EVERY:      # (the clock read once per BILL_EVERY)
+                wait = self._budget.spend(time.monotonic(), self._unbilled)
+                self._unbilled = 0
+            if wait:
+                self._hold(wait)
+            elif not self.codec.idle and not self.session.busy:
+                self._hold(0.0)   # more buffered: after the other connections' turns
         self._update()
+
+    def _hold(self, wait: float) -> None:
+        """Stop reading; handle what is buffered (and read again) ``wait`` seconds on."""
+        if self._held:
+            return
+        self._held = True
+        if not wait:
+            self.loop.call_soon(self._serve_buffered)
+            return
+        self.device.frontend_pauses += 1
+        if not self._throttled_once:
+            self._throttled_once = True
+            self.log.warning("the front-end sends more than %d requests a second: reading "
+                             "them no faster", REQUESTS_PER_SECOND)
+        self.loop.call_later(wait, self._serve_buffered)
 
     def _on_late_reply(self, reply: bytes | None) -> None:
         if self.closed:
@@ -162,7 +217,7 @@ class VhostUserPeer:
         case of one request answered at once, when none of that changed)."""
         if self.closed:
             return
-        reading = not self.paused and not self.session.busy
+        reading = not self.paused and not self.session.busy and not self._held
         sock = self.session.backend_req
         key = (reading, bool(self.out), sock, bool(self.session.backend_out))
         if key == self._watched:

@@ -101,6 +101,7 @@ class VmDevice:
         # that inflates without reading it reads it somewhere else (a VMM mistake).
         self.config_reads_expected = False
         self._hinted = False
+        self.frontend_pauses = 0          # times a front-end's requests were read slower
 
     # -- the model -----------------------------------------------------------------------------
 
@@ -175,7 +176,8 @@ class VmDevice:
         return out
 
     def counters(self) -> dict[str, int]:
-        return {**self.supervisor.counters(), "worker_restarts": self.supervisor.restarts}
+        return {**self.supervisor.counters(), "worker_restarts": self.supervisor.restarts,
+                "frontend_pauses": self.frontend_pauses}
 
     def is_active(self) -> bool:
         return self.state != IDLE

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from device.tokens import TokenBucket
+
 EMPTY_KICKS_PER_SECOND = 1000.0   # a flood then costs the worker ~2.5 % of a CPU (bench 6b)
 EMPTY_KICK_BURST = 100.0
 
@@ -26,12 +28,11 @@ EMPTY_KICK_BURST = 100.0
 class KickBudget:
     rate: float = EMPTY_KICKS_PER_SECOND
     burst: float = EMPTY_KICK_BURST
-    tokens: float = field(init=False)     # starts full: ``burst``
-    stamp: float | None = None
+    bucket: TokenBucket = field(init=False)
     last_empty: bool = False
 
     def __post_init__(self) -> None:
-        self.tokens = self.burst
+        self.bucket = TokenBucket(self.rate, self.burst)
 
     def found(self) -> None:
         """A wake-up found buffers: the next empty one is free."""
@@ -43,10 +44,4 @@ class KickBudget:
         if not self.last_empty:
             self.last_empty = True
             return 0.0
-        if self.stamp is not None:
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        self.tokens -= 1.0
-        if self.tokens >= 0.0:
-            return 0.0
-        return -self.tokens / self.rate
+        return self.bucket.spend(now)

@@ -12,6 +12,7 @@ import select
 import signal
 import socket
 import statistics
+import struct
 import threading
 import time
 from contextlib import ExitStack
@@ -24,12 +25,14 @@ from control.cli import main as cli
 from control.client import ControlClient
 from control.errors import RequestError
 from control.proxy import ProxyOptions
-from control.server import ServeOptions
+from control.server import Server, ServeOptions
+from control.vhost_peer import BILL_EVERY, MESSAGES_PER_TURN, REQUEST_BURST, REQUESTS_PER_SECOND
 from control.vm import VmSpec, parse_vm
 from control.wire import encode_frame
 from device.balloon import BalloonOptions, queue_layout
 from tests.driver import MIB, PAGE, BalloonDriver, GuestRam, linux_acks, wait_for
 from tests.frontend import Frontend, ServerThread
+from tests.hostile import Neighbour, ServeProcess
 
 
 @dataclass
@@ -210,96 +213,126 @@ def test_serve_socket_is_one_vm_named_default_and_needs_no_vm(tmp_path):
 MAX_DELAY = 0.010                 # the issue's bound on a healthy VM's config replies
 
 
-class Prober(threading.Thread):
-    """Times the healthy VM's GET_CONFIG round trips, back to back, while it inflates."""
-
-    def __init__(self, guest: Guest) -> None:
-        super().__init__(daemon=True)
-        self.guest = guest
-        self.times: list[float] = []
-        self.running = True
-
-    def run(self) -> None:
-        while self.running:
-            start = time.perf_counter()
-            self.guest.frontend.get_config()
-            self.times.append(time.perf_counter() - start)
-            time.sleep(0.0005)
-
-    def stop(self) -> list[float]:
-        self.running = False
-        self.join(5)
-        return self.times
+def _received(sock: socket.socket) -> bytes:
+    data = b""
+    try:
+        while chunk := sock.recv(1 << 16, socket.MSG_DONTWAIT):
+            data += chunk
+    except BlockingIOError:
+        pass
+    return data
 
 
-def _flood(path: str, seconds: float) -> None:
-    """A front-end that sends GET_CONFIG as fast as it can and reads every reply."""
-    front = Frontend(path)
-    request = front.conn.send(vu.GetConfig(0, 16, 0))[0] * 64
-    end = time.monotonic() + seconds
-    front.sock.setblocking(False)
-    while time.monotonic() < end:
-        try:
-            front.sock.send(request)
-        except BlockingIOError:
-            pass
-        try:
-            while front.sock.recv(1 << 16):
-                pass
-        except BlockingIOError:
-            pass
-    front.close()
+def test_a_flooding_front_end_gets_a_turn_no_longer_than_anyone_elses(tmp_path):
+    """serve's loop pumped by the test, one turn at a time: a front-end that sent 1000
+    requests at once has at most a turn's share of them answered before another VM's one
+    request is (it used to be a whole read's worth, ~100), and then all of its own, in order."""
+    options = ServeOptions(control_path=str(tmp_path / "ctl.sock"), proxy=ProxyOptions(jail=False),
+                           vms=(VmSpec("flood", str(tmp_path / "f.sock")),
+                                VmSpec("quiet", str(tmp_path / "q.sock"))))
+    server = Server(options)
+    flood, quiet = (socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2))
+    try:
+        flood.connect(str(tmp_path / "f.sock"))
+        quiet.connect(str(tmp_path / "q.sock"))
+        for _ in range(4):
+            server.loop.run_once(0.05)                          # both accepted
+        request = vu.FrontendConnection().send(vu.GetConfig(0, 16, 0))[0]
+        reply_size = 12 + 12 + 16
+        flood.sendall(request * 1000)
+        quiet.sendall(request)
+        turns = 0
+        while not _pending(quiet):
+            server.loop.run_once(1.0)
+            turns += 1
+            assert turns < 10, "the quiet VM was not answered"
+        answered_first = len(_received(flood)) // reply_size
+        assert answered_first <= 2 * MESSAGES_PER_TURN, answered_first
+        got = b""
+        for _ in range(1000):
+            got += _received(flood)
+            if len(got) >= (1000 - answered_first) * reply_size:
+                break
+            server.loop.run_once(1.0)
+        assert len(got) == (1000 - answered_first) * reply_size
+        assert len(_received(quiet)) == reply_size
+    finally:
+        flood.close()
+        quiet.close()
+        server.shutdown()
 
 
-def _deaf(path: str, seconds: float) -> None:
-    """A front-end that asks and never reads a reply."""
-    front = Frontend(path)
-    front.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    request = front.conn.send(vu.GetConfig(0, 256, 0))[0]
-    front.sock.setblocking(False)
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        try:
-            front.sock.send(request)
-        except BlockingIOError:
-            time.sleep(0.01)
-    front.close()
+def test_a_flood_is_read_no_faster_than_the_request_budget_and_all_of_it_answered(tmp_path):
+    """A front-end that sends 3x its burst at once: the burst is answered at once, the rest
+    no faster than REQUESTS_PER_SECOND, every request answered in order; the pauses are
+    counted and said once in the log."""
+    options = ServeOptions(control_path=str(tmp_path / "ctl.sock"), proxy=ProxyOptions(jail=False),
+                           vms=(VmSpec("flood", str(tmp_path / "f.sock")),))
+    server = ServerThread(options)
+    flood = Frontend(str(tmp_path / "f.sock"))
+    try:
+        count = int(3 * REQUEST_BURST)
+        request = vu.FrontendConnection().send(vu.GetConfig(0, 8, 0))[0]
+        start = time.monotonic()
+        sender = threading.Thread(target=flood.sock.sendall, args=(request * count,))
+        sender.start()
+        got = b""
+        reply_size = 12 + 12 + 8
+        while len(got) < count * reply_size:
+            got += flood.sock.recv(1 << 16)
+        took = time.monotonic() - start
+        sender.join()
+        assert got == got[:reply_size] * count and got[:4] == struct.pack("<I", vu.FrontendRequest.GET_CONFIG)
+        assert took >= (count - REQUEST_BURST - BILL_EVERY) / REQUESTS_PER_SECOND
+        with ControlClient(options.control_path) as client:
+            assert client.request("status")["counters"]["frontend_pauses"] > 0
+            assert client.request("status")["connected"]              # never dropped for it
+    finally:
+        flood.close()
+        server.stop()
+
+
+def _pending(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 @pytest.mark.parametrize("hostility", ["flood", "deaf", "crash", "stop"])
 def test_a_hostile_neighbour_does_not_delay_or_change_a_healthy_vm(tmp_path, hostility):
-    options = ServeOptions(control_path=str(tmp_path / "ctl.sock"),
-                           proxy=ProxyOptions(jail=True, request_timeout=0.5, kill_grace=0.2),
-                           vms=(VmSpec("healthy", str(tmp_path / "h.sock")),
-                                VmSpec("hostile", str(tmp_path / "x.sock"))))
-    server = ServerThread(options)
-    healthy = attach(str(tmp_path / "h.sock"), mib=64)
-    neighbour = None if hostility in ("flood", "deaf") else attach(str(tmp_path / "x.sock"))
-    client = ControlClient(options.control_path)
+    """serve, the neighbour and the healthy VM's front-end each run in a process of their
+    own; the healthy front-end times its config reads back to back while its guest inflates,
+    one 256-PFN buffer at a time, spread over the neighbour's hostility."""
+    control = str(tmp_path / "ctl.sock")
+    server = ServeProcess(control, {"healthy": str(tmp_path / "h.sock"),
+                                    "hostile": str(tmp_path / "x.sock")},
+                          jail=True, request_timeout=0.5, kill_grace=0.2)
+    healthy = neighbour = client = hostile = None
     try:
-        wait_for(lambda: client.request("status", vm="healthy")["state"] == "active",
-                 what="healthy active")
+        wait_for(lambda: os.path.exists(control), what="serve's control socket")
+        healthy = attach(str(tmp_path / "h.sock"), mib=64)
+        if hostility in ("crash", "stop"):
+            neighbour = attach(str(tmp_path / "x.sock"))
+        client = ControlClient(control)
+        wait_for(lambda: all(vm["state"] == "active" for vm in client.request("list")["vms"]
+                             if vm["name"] == "healthy" or neighbour is not None),
+                 what="the VMs active")
         before = client.request("status", vm="healthy")
         pages = 32 * MIB // PAGE
         client.request("set", vm="healthy", size=32 * MIB)
-        prober = Prober(healthy)
-        prober.start()
-        if hostility == "flood":
-            _flood(str(tmp_path / "x.sock"), 2.0)
-        elif hostility == "deaf":
-            _deaf(str(tmp_path / "x.sock"), 2.0)
-        else:
-            for _ in range(4):
-                pid = wait_for(lambda: client.request("status", vm="hostile")["worker_pid"],
-                               what="the neighbour's worker")
-                os.kill(pid, signal.SIGKILL if hostility == "crash" else signal.SIGSTOP)
-                wait_for(lambda: client.request("status", vm="hostile")["worker_pid"] not in (None, pid),
-                         timeout=10, what="the neighbour's worker replaced")
-        # The healthy guest inflates throughout (its worker, not the loop, does the work).
         pfns = healthy.driver.take_pages(pages)
-        healthy.driver.send_pfns("inflate", pfns, batch=16)
+        chunks = [pfns[i:i + 256] for i in range(0, pages, 256)]
+        hostile = Neighbour(hostility, str(tmp_path / "x.sock"), control, 2.0)
+        hostile.ready()
+        times, start, sent = [], time.monotonic(), 0
+        while hostile.running() or sent < len(chunks):
+            if sent < len(chunks) and time.monotonic() - start >= sent * 2.0 / len(chunks):
+                healthy.driver.send_pfns("inflate", chunks[sent])
+                sent += 1
+            begin = time.perf_counter()
+            healthy.frontend.get_config()
+            times.append(time.perf_counter() - begin)
+            time.sleep(0.0005)
+        hostile.finish()
         healthy.driver.balloon += pfns
-        times = prober.stop()                  # the prober owns the connection until here
         healthy.driver.set_actual(pages)
         after = client.request("status", vm="healthy")
         assert after["actual_bytes"] == 32 * MIB and after["state"] == "active"
@@ -309,10 +342,11 @@ def test_a_hostile_neighbour_does_not_delay_or_change_a_healthy_vm(tmp_path, hos
               f"{statistics.median(times) * 1e3:.2f} ms, worst {worst * 1e3:.2f} ms")
         assert worst <= MAX_DELAY, f"a config reply took {worst * 1e3:.1f} ms"
     finally:
-        client.close()
-        healthy.close()
-        if neighbour is not None:
-            neighbour.close()
+        for thing in (client, healthy, neighbour):
+            if thing is not None:
+                thing.close()
+        if hostile is not None and hostile.running():
+            hostile.proc.kill()
         server.stop()
 
 

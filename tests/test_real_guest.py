@@ -40,6 +40,8 @@ def test_inflate_to_half_frees_host_memory_and_deflate_gives_it_back(rig):
     assert freed >= 0.9 * target, f"host freed {freed / MIB:.0f} MiB of {target / MIB:.0f}"
     drop = free_before - rig.mem_free_mib()
     assert abs(drop - target / MIB) < 0.1 * target / MIB, f"guest MemFree dropped {drop:.0f} MiB"
+    # A guest inflating as fast as it can stays well within its front-end's request budget.
+    assert rig.control.request("status")["counters"]["frontend_pauses"] == 0
 
     result = rig.set(0)
     assert (result["outcome"], result["actual_bytes"]) == ("settled", 0)
