@@ -93,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host-budget", metavar="SIZE", default=None,
                        help="autopilot: the memory all guests together may hold; past it the "
                             "host counts as short")
+    serve.add_argument("--keeper", action="store_true",
+                       help="run serve under a small keeper process that holds the guests' "
+                            "connections and starts a new serve, which carries on serving "
+                            "them, if serve dies")
     serve.add_argument("--log-level", default="info",
                        choices=("debug", "info", "warning", "error"))
 
@@ -223,6 +227,17 @@ def _serve(args: argparse.Namespace) -> int:
                              else parse_size(args.host_budget)))
         if not options.specs():
             logging.getLogger("vballoon").info("no VM yet: add them with `vballoon add`")
+        if args.keeper:
+            from control.keeper import CONFIG_ERROR, Keeper
+
+            def child(store) -> int:
+                try:
+                    serve(options, store)
+                except (RequestError, ValueError) as exc:
+                    print(f"vballoon serve: {exc}", file=sys.stderr)
+                    return CONFIG_ERROR
+                return 0
+            return Keeper(child).run()
         serve(options)
     except (RequestError, ValueError) as exc:
         print(f"vballoon serve: {exc}", file=sys.stderr)

@@ -20,6 +20,7 @@ while serving one control client, that client. Never ``serve``, never another VM
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -30,6 +31,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import msgpack
+
 from control import commands
 from control.autopilot import Tuning
 from control.pilot import Pilot
@@ -37,6 +40,7 @@ from control.spawner import SPAWNER, Job
 from control.zygote import ZYGOTE
 from control.errors import RequestError
 from control.jailed import load_policy
+from control.handover import Store, VmRecord, adoptions
 from control.loop import EventLoop, Timer
 from control.supervisor import ProxyOptions
 from control.vhost_backend import VhostUserSession
@@ -104,9 +108,17 @@ class Waiter:
 class Server:
     """Serves every VM's vhost-user front-end and any number of control clients."""
 
-    def __init__(self, options: ServeOptions) -> None:
+    def __init__(self, options: ServeOptions, store: Store | None = None,
+                 kept: dict[str, tuple[bytes, list[int]]] | None = None) -> None:
+        """``store``: the keeper's (``serve --keeper``); ``kept``: what it handed over from
+        a ``serve`` that died, to adopt."""
         self.options = options
         self.loop = EventLoop()
+        self.store = store
+        if store is not None:
+            store.watch = lambda writable: self.loop.watch(
+                store.sock, writer=store.flush if writable else None)
+        adopted, added = adoptions(kept or {})
         self.running = True
         self.vms: dict[str, Vm] = {}
         self._vm_listeners: dict[int, Vm] = {}
@@ -129,6 +141,20 @@ class Server:
         try:
             for spec in specs:
                 self.add_vm(spec)
+            for name, blob in added.items():
+                spec = self._kept_spec(name, blob)
+                if spec is not None:
+                    self.add_vm(spec, keep=True)
+            for name, adoption in adopted.items():
+                vm = self.vms.get(name)
+                if vm is None:
+                    log.warning("vm %s: kept connection of a VM no longer served: closed", name)
+                    adoption.conn.close()
+                    for _, fds in adoption.requests:
+                        for fd in fds:
+                            os.close(fd)
+                    continue
+                vm.adopt(adoption)
             if options.control_path:
                 self.control_listener = self._listen(options.control_path, backlog=16)
                 self._watch_listener(self.control_listener)
@@ -139,8 +165,18 @@ class Server:
 
     # -- the registry -----------------------------------------------------------------------
 
-    def add_vm(self, spec: VmSpec) -> Vm:
-        """Start serving ``spec`` (listening on its socket); raises ``RequestError``."""
+    def _kept_spec(self, name: str, blob: bytes) -> VmSpec | None:
+        try:
+            path, options = msgpack.unpackb(blob)
+            return VmSpec(name, path, BalloonOptions(**options))
+        except (ValueError, TypeError, RequestError, msgpack.ExtraData, msgpack.FormatError) as exc:
+            log.error("vm %s: the kept spec of this VM added at runtime is malformed (%s): not "
+                      "served", name, exc)
+            return None
+
+    def add_vm(self, spec: VmSpec, keep: bool = False) -> Vm:
+        """Start serving ``spec`` (listening on its socket); raises ``RequestError``.
+        ``keep``: a VM added at runtime, whose spec a successor needs (``--keeper``)."""
         if spec.name in self.vms:
             raise RequestError(f"there is a VM named {spec.name!r} already")
         if len(self.vms) >= MAX_VMS:
@@ -151,8 +187,12 @@ class Server:
             listener = self._listen(spec.socket_path, backlog=1)
         except OSError as exc:
             raise RequestError(f"cannot listen on {spec.socket_path}: {exc.strerror}") from None
+        record = VmRecord(self.store, spec.name) if self.store is not None else None
         vm = Vm(self.loop, spec, listener, self.options.proxy,
-                on_change=self._vm_changed, on_disconnect=self._vm_disconnected)
+                on_change=self._vm_changed, on_disconnect=self._vm_disconnected, record=record)
+        if keep and self.store is not None:
+            self.store.put(f"spec/{spec.name}", msgpack.packb(
+                [spec.socket_path, dataclasses.asdict(spec.balloon)]))
         self.vms[spec.name] = vm
         self._vm_listeners[listener.fileno()] = vm
         self._watch_listener(listener)
@@ -166,6 +206,8 @@ class Server:
         self._fail_waiters(vm, "the VM was removed")
         self.pilot.disable(name, "the VM was removed")
         self._close_vm(vm)
+        if self.store is not None:
+            self.store.drop(f"spec/{name}")
         log.info("vm %s: removed", name)
 
     def _close_vm(self, vm: Vm) -> None:
@@ -291,6 +333,8 @@ class Server:
             self.control_listener.close()
             if self.options.control_path and os.path.exists(self.options.control_path):
                 os.unlink(self.options.control_path)
+        if self.store is not None:
+            self.store.flush()                     # what is left: the keeper ends with us
         self.loop.close()
 
     # -- listeners ---------------------------------------------------------------------------
@@ -460,7 +504,7 @@ class Server:
             raise RequestError("'options' must be a map")
         spec = VmSpec(check_name(message.get("name")), socket_path,
                       options_from(options, self.options.balloon))
-        vm = self.add_vm(spec)
+        vm = self.add_vm(spec, keep=True)
         return commands.vm_summary(vm.name, vm.spec.socket_path, vm.device)
 
     def _cmd_autopilot(self, message: dict) -> dict:
@@ -595,7 +639,12 @@ SERVER_COMMANDS = {"list": Server._cmd_list, "add": Server._cmd_add, "remove": S
 GIL_SWITCH_INTERVAL = 0.0005
 
 
-def serve(options: ServeOptions) -> None:
-    """``vballoon serve``: serve ``options`` in this process until SIGTERM/SIGINT."""
+def serve(options: ServeOptions, store: socket.socket | None = None) -> None:
+    """``vballoon serve``: serve ``options`` in this process until SIGTERM/SIGINT; with
+    ``store`` (``--keeper``), adopt what the keeper kept and leave it what a successor needs."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    Server(options).run()
+    kept, keeper = None, None
+    if store is not None:
+        keeper = Store(store)
+        kept = keeper.load()
+    Server(options, keeper, kept).run()

@@ -129,6 +129,8 @@ class VhostUserSession:
         self.backend_sender = vu.BackendRequestSender()
         self.busy = False
         self.closed = False
+        self.failures = 0               # requests refused so far (a recorder tells by it)
+        self.adopting = False           # replaying a dead serve's requests: no activation yet
         self._partial: tuple = ()       # a stopped worker's partial huge pages, to hand on
         self._extra_logged: set[int] = set()
         self._hints: set[str] = set()
@@ -277,6 +279,7 @@ class VhostUserSession:
         raise ControlError(f"vhost-user {type(event).__name__} is not supported")
 
     def _fail(self, event: vu.Request | vu.RejectedRequest, conn: vu.BackendConnection) -> bytes | None:
+        self.failures += 1
         if not event.reply_expected:
             return None
         request = event.request if isinstance(event, vu.RejectedRequest) else event.REQUEST
@@ -480,7 +483,53 @@ class VhostUserSession:
                    f"the guest needs 8 (num_pages, actual): with QEMU, give "
                    f"vhost-user-test-device-pci config_size=8")
 
+    def finish_adoption(self, done: Callable[[BaseException | None], None]) -> None:
+        """The replayed requests are in: start serving the rings that were served, each
+        resuming at the used index in guest memory (the bases replayed are stale). ``done``
+        hears None, or why the worker could not start."""
+        self.adopting = False
+        for ring in self.state.vrings:
+            ring.resume = True
+        self.busy = True
+        handler = self._maybe_activate()
+
+        def step(value: Any = None) -> None:
+            while True:
+                try:
+                    if isinstance(value, BaseException):
+                        operation = handler.throw(value)
+                    else:
+                        operation = handler.send(value)
+                except StopIteration:
+                    outcome = None
+                except (ControlError, DeviceError, OSError) as exc:
+                    outcome = exc
+                else:
+                    box: list = []
+                    waiting = [False]
+
+                    def resume(result: Any = None) -> None:
+                        if waiting[0]:
+                            step(result)
+                        else:
+                            box.append(result)
+                    operation(resume)
+                    if not box:
+                        waiting[0] = True
+                        return
+                    value = box[0]
+                    continue
+                self.busy = False
+                if self.closed:
+                    handler.close()
+                    return
+                done(outcome)
+                return
+        step()
+
     def _maybe_activate(self) -> Handler:
+        if self.adopting:
+            return
         names = self.device.queue_names()
         rings = self.state.vrings[:len(names)]
         if not self.state.regions and rings and all(r.state == READY for r in rings):

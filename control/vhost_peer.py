@@ -34,6 +34,7 @@ from collections.abc import Callable
 from control import vhost_user as vu
 from control.logs import VmLog
 from control.loop import EventLoop
+from control.handover import VmRecord
 from control.vhost_backend import MAX_QUEUES, PENDING, FrontendGone, VhostUserSession
 from control.vmdevice import VmDevice
 from device.tokens import TokenBucket
@@ -55,7 +56,7 @@ class VhostUserPeer:
     """Serves ``device`` to the front-end on ``conn``; ``on_closed(why)`` when it ends."""
 
     def __init__(self, loop: EventLoop, conn: socket.socket, device: VmDevice,
-                 on_closed: Callable[[str], None]) -> None:
+                 on_closed: Callable[[str], None], record: VmRecord | None = None) -> None:
         self.loop = loop
         self.log = VmLog(log, device.name)
         self.conn = conn
@@ -73,6 +74,8 @@ class VhostUserPeer:
         self._budget = TokenBucket(REQUESTS_PER_SECOND, REQUEST_BURST)
         self._throttled_once = False
         self._unbilled = 0                # requests handled, not yet counted in _budget
+        self.record = record              # what a successor needs, left with the keeper
+        self._recording: tuple | None = None   # a kept request answered later
         self._writing = False             # watching the socket for writability
         self._watched: tuple | None = None  # what _update last set up
         self._backend_req: socket.socket | None = None
@@ -124,7 +127,10 @@ class VhostUserPeer:
                 self.close("front-end disconnected")
                 return
             handled += 1
-            reply = self.session.handle(event, self.codec)
+            if self.record is not None:
+                reply = self._handle_recorded(event)
+            else:
+                reply = self.session.handle(event, self.codec)
             if reply is PENDING:
                 break
             if reply is not None:
@@ -158,7 +164,55 @@ class VhostUserPeer:
                              "them no faster", REQUESTS_PER_SECOND)
         self.loop.call_later(wait, self._serve_buffered)
 
+    def _handle_recorded(self, event) -> bytes | None | object:
+        prepared = self.record.prepare(event) if isinstance(event, vu.Request) else None
+        failures = self.session.failures
+        try:
+            reply = self.session.handle(event, self.codec)
+        except BaseException:
+            if prepared is not None:
+                self.record.commit(prepared, False)
+            raise
+        if prepared is not None:
+            if reply is PENDING:
+                self._recording = (prepared, failures)
+            else:
+                self.record.commit(prepared, self.session.failures == failures)
+        return reply
+
+    def adopt(self, requests: list[tuple[bytes, list[int]]],
+              done: Callable[[BaseException | None], None]) -> None:
+        """Carry on a dead serve's session: replay its setup ``requests`` (bytes and fds,
+        in order; answered to nobody), then start the rings that were served. Requests the
+        front-end sent meanwhile are handled after that, in order."""
+        replay = vu.BackendConnection(max_queues=MAX_QUEUES)
+        self.session.adopting = True
+        self._held = True                  # the socket is not read until the rings run
+        self._update()
+        try:
+            for data, fds in requests:
+                replay.receive_data(data, fds)
+                event = replay.next_event()
+                if isinstance(event, vu.NeedData | vu.ConnectionClosed):
+                    raise vu.VhostUserError("a kept request is incomplete")
+                if self.session.handle(event, replay) is PENDING:
+                    raise vu.VhostUserError(f"a kept {type(event).__name__} did not apply at once")
+        except (vu.VhostUserError, FrontendGone) as exc:
+            self.session.adopting = False
+            self.close(f"cannot adopt the connection: {exc}")
+            done(exc)
+            return
+
+        def started(error: BaseException | None) -> None:
+            done(error)
+            self._serve_buffered()
+        self.session.finish_adoption(started)
+
     def _on_late_reply(self, reply: bytes | None) -> None:
+        if self._recording is not None:
+            prepared, failures = self._recording
+            self._recording = None
+            self.record.commit(prepared, self.session.failures == failures)
         if self.closed:
             return
         try:
@@ -271,6 +325,9 @@ class VhostUserPeer:
             return
         self.closed = True
         self.log.info("%s: resetting the device", why)
+        if self._recording is not None:
+            self.record.commit(self._recording[0], False)
+            self._recording = None
         self.loop.unwatch(self.conn)
         if self._backend_req is not None:
             self.loop.unwatch(self._backend_req)

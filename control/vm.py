@@ -20,11 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from control.errors import RequestError
+from control.handover import Adoption, VmRecord
 from control.loop import EventLoop
 from control.supervisor import ProxyOptions
 from control.vhost_peer import VhostUserPeer
 from control.vmdevice import VmDevice
 from device.balloon import BalloonOptions
+from device.config import ACTUAL_OFFSET, POISON_VAL_OFFSET
+from device.errors import DeviceError
 
 log = logging.getLogger("vballoon.serve")
 
@@ -116,8 +119,9 @@ class Vm:
 
     def __init__(self, loop: EventLoop, spec: VmSpec, listener: socket.socket,
                  proxy: ProxyOptions, on_change: Callable[["Vm"], None],
-                 on_disconnect: Callable[["Vm"], None]) -> None:
+                 on_disconnect: Callable[["Vm"], None], record: VmRecord | None = None) -> None:
         self.loop = loop
+        self.record = record              # with ``serve --keeper``: what a successor needs
         self.spec = spec
         self.listener = listener
         self.proxy = proxy
@@ -143,15 +147,56 @@ class Vm:
                         self.name)
             conn.close()
             return
+        self._serve(conn)
+        if self.record is not None:
+            self.record.connected(conn)
+        log.info("vm %s: front-end connected", self.name)
+
+    def _serve(self, conn: socket.socket) -> VhostUserPeer:
         self.connections += 1
         device = VmDevice(self.loop, self.spec.balloon, self.proxy, self.name)
         device.listeners.append(lambda: self._on_change(self))
-        self.frontend = VhostUserPeer(self.loop, conn, device, self._closed)
-        log.info("vm %s: front-end connected", self.name)
+        if self.record is not None:
+            device.listeners.append(lambda: self._keep_config(device))
+        self.frontend = VhostUserPeer(self.loop, conn, device, self._closed, self.record)
+        return self.frontend
+
+    def _keep_config(self, device: VmDevice) -> None:
+        if device is self.device:
+            config = device.config
+            self.record.config(config.num_pages, config.actual,
+                               device.model.poison_val if device.model.poison_written else None)
+
+    def adopt(self, adoption: Adoption) -> None:
+        """Carry on the connection a dead ``serve`` left with the keeper: the session
+        replayed, the target and ``actual`` as they were, the rings resumed."""
+        log.info("vm %s: adopting the front-end's connection (%d requests replayed)",
+                 self.name, len(adoption.requests))
+        peer = self._serve(adoption.conn)
+        device = peer.device
+
+        def started(error: BaseException | None) -> None:
+            if error is not None:
+                log.error("vm %s: the adopted session did not start: %s", self.name, error)
+            else:
+                log.info("vm %s: serving the adopted connection again", self.name)
+        peer.adopt(adoption.requests, started)
+        if peer.closed:
+            return
+        try:
+            if adoption.poison is not None:
+                device.write_config(POISON_VAL_OFFSET, adoption.poison.to_bytes(4, "little"))
+            device.write_config(ACTUAL_OFFSET, adoption.actual.to_bytes(4, "little"))
+            device.set_target_pages(adoption.target)
+        except (RequestError, DeviceError, OverflowError, AttributeError) as exc:
+            log.error("vm %s: the kept target and actual do not apply (%s): starting from "
+                      "zero", self.name, exc)
 
     def _closed(self, why: str) -> None:
         device = self.frontend.device
         self.frontend = None
+        if self.record is not None:
+            self.record.disconnected()
         if device.state != "idle":
             self.stopping.add(device)
             device.listeners.append(lambda: self._stopped(device))

@@ -1,0 +1,285 @@
+"""What ``serve`` leaves with its keeper, so a new ``serve`` can carry on after a crash.
+
+``vballoon serve --keeper`` runs ``serve`` as the child of a small keeper process
+(``control/keeper.py``). ``serve`` tells the keeper, as it happens, everything a successor
+needs to adopt each VM's vhost-user connection: the connection itself, the requests that set
+the session up (with their fds: guest memory, kick and call eventfds, the backend channel),
+the device's config (target, ``actual``) and the VMs added at runtime. The keeper holds them
+(its own copies of the fds); if ``serve`` dies, it starts a new one and hands them over.
+
+The wire: a ``SOCK_SEQPACKET`` socket pair, one record per message: a msgpack list
+``[op, key, blob]`` with the record's fds attached (SCM_RIGHTS). Ops from ``serve``:
+``put`` (store, replacing what ``key`` held), ``drop`` (forget ``key``), ``drop-prefix``.
+From the keeper, at a new ``serve``'s start: one ``entry`` per key, then ``end``.
+
+Sending never blocks the loop: records wait in a bounded queue (fds duplicated at once, so
+the caller may close its own) until the socket takes them. If the keeper is gone, ``serve``
+carries on without one (logged once).
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import dataclasses
+import logging
+import os
+import socket
+import time
+
+import msgpack
+
+from control import vhost_user as vu
+
+log = logging.getLogger("vballoon.handover")
+
+MAX_RECORD = 64 * 1024          # bytes of one record (a request's bytes, a config blob)
+MAX_FDS = 8                     # fds of one record (a memory table carries up to 8)
+MAX_QUEUED = 4096               # records waiting for the keeper to read them
+HANDOVER_TIMEOUT = 10.0         # seconds a new serve waits for the keeper's entries
+_ANCILLARY = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+
+
+def send_record(sock: socket.socket, op: str, key: str, blob: bytes = b"",
+                fds: tuple[int, ...] = ()) -> None:
+    data = msgpack.packb([op, key, blob])
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([data], ancillary)
+
+
+def recv_record(sock: socket.socket) -> tuple[str, str, bytes, list[int]] | None:
+    """One record, or None at EOF. Raises ``ValueError`` for a malformed one (its fds
+    closed)."""
+    data, ancillary, flags, _ = sock.recvmsg(MAX_RECORD + 256, _ANCILLARY,
+                                             socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % array.array("i").itemsize
+            fds.extend(array.array("i", payload[:usable]))
+    if not data and not fds:
+        return None
+    try:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise ValueError("record truncated")
+        op, key, blob = msgpack.unpackb(data)
+        if not (isinstance(op, str) and isinstance(key, str) and isinstance(blob, bytes)):
+            raise ValueError("record fields of the wrong types")
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError) as exc:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"bad handover record: {exc}") from None
+    return op, key, blob, fds
+
+
+class Store:
+    """``serve``'s side: ``put``/``drop`` records for the keeper, without blocking.
+
+    ``watch(writable)`` is called with True when queued records wait for the socket to be
+    writable, False when the queue is empty again (the server then watches the socket).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.queue: collections.deque[tuple[str, str, bytes, tuple[int, ...]]] = collections.deque()
+        self.gone = False
+        self.watch = lambda writable: None
+
+    def load(self) -> dict[str, tuple[bytes, list[int]]]:
+        """The keeper's entries, at start-up (before the loop runs: bounded by
+        ``HANDOVER_TIMEOUT``). Raises ``OSError`` or ``ValueError``."""
+        entries: dict[str, tuple[bytes, list[int]]] = {}
+        deadline = time.monotonic() + HANDOVER_TIMEOUT
+        self.sock.setblocking(True)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the keeper did not hand its entries over in time")
+                self.sock.settimeout(left)
+                record = recv_record(self.sock)
+                if record is None:
+                    raise ConnectionError("the keeper closed the handover socket")
+                op, key, blob, fds = record
+                if op == "end":
+                    return entries
+                if op != "entry":
+                    for fd in fds:
+                        os.close(fd)
+                    raise ValueError(f"unexpected handover op {op!r}")
+                entries[key] = (blob, fds)
+        except BaseException:
+            for _, fds in entries.values():
+                for fd in fds:
+                    os.close(fd)
+            raise
+        finally:
+            self.sock.setblocking(False)
+
+    def put(self, key: str, blob: bytes = b"", fds: tuple[int, ...] = (), owned: bool = False) -> None:
+        """Store ``blob`` and copies of ``fds`` (or ``fds`` themselves when ``owned``)."""
+        self._queue("put", key, blob, tuple(fds) if owned else tuple(os.dup(fd) for fd in fds))
+
+    def drop(self, key: str) -> None:
+        self._queue("drop", key, b"", ())
+
+    def drop_prefix(self, prefix: str) -> None:
+        self._queue("drop-prefix", prefix, b"", ())
+
+    def _queue(self, op: str, key: str, blob: bytes, fds: tuple[int, ...]) -> None:
+        if self.gone or len(self.queue) >= MAX_QUEUED:
+            for fd in fds:
+                os.close(fd)
+            if not self.gone:
+                self._lose("the keeper does not read what serve leaves with it")
+            return
+        self.queue.append((op, key, blob, fds))
+        if len(self.queue) == 1:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what the socket takes now; the rest when it is writable."""
+        while self.queue and not self.gone:
+            op, key, blob, fds = self.queue[0]
+            try:
+                send_record(self.sock, op, key, blob, fds)
+            except BlockingIOError:
+                self.watch(True)
+                return
+            except OSError as exc:
+                self._lose(f"the keeper is gone ({exc.strerror})")
+                return
+            self.queue.popleft()
+            for fd in fds:
+                os.close(fd)
+        self.watch(False)
+
+    def _lose(self, why: str) -> None:
+        log.error("%s: a crash of this serve will now cost the guests their balloons", why)
+        self.gone = True
+        while self.queue:
+            for fd in self.queue.popleft()[3]:
+                os.close(fd)
+        self.watch(False)
+
+    def close(self) -> None:
+        self.gone = True
+        while self.queue:
+            for fd in self.queue.popleft()[3]:
+                os.close(fd)
+        self.sock.close()
+
+
+# -- one VM's records ------------------------------------------------------------------------
+
+def _request_key(event: vu.Request) -> str | None:
+    """Where a request that sets the session up is kept (a later one of the same kind for
+    the same ring replaces it); None for requests a successor needs no copy of."""
+    match event:
+        case vu.SetOwner():
+            return "owner"
+        case vu.SetFeatures():
+            return "features"
+        case vu.SetProtocolFeatures():
+            return "protocol"
+        case vu.SetBackendReqFd():
+            return "backend"
+        case vu.SetMemTable():
+            return "mem"
+        case vu.SetVringNum() | vu.SetVringBase() | vu.SetVringAddr() | vu.SetVringCall() \
+                | vu.SetVringKick() | vu.SetVringEnable():
+            return f"{type(event).__name__}/{event.index}"
+    return None
+
+
+class VmRecord:
+    """What one VM's connection leaves with the keeper (keys ``conn/``, ``req/``, ``cfg/``
+    under the VM's name); ``spec/`` keeps a VM added at runtime."""
+
+    def __init__(self, store: Store, name: str) -> None:
+        self.store = store
+        self.name = name
+        self._config: bytes | None = None
+
+    def connected(self, conn: socket.socket) -> None:
+        self.store.put(f"conn/{self.name}", fds=(conn.fileno(),))
+
+    def disconnected(self) -> None:
+        self.store.drop(f"conn/{self.name}")
+        self.store.drop(f"cfg/{self.name}")
+        self.store.drop_prefix(f"req/{self.name}/")
+        self._config = None
+
+    def prepare(self, event: vu.Request) -> tuple | None:
+        """Before the session handles ``event``: its bytes and copies of its fds (the session
+        may close its own), or None if it is not kept. Stopping a ring (GET_VRING_BASE, or
+        disabling it) forgets its kick fd, so a successor does not start what was stopped."""
+        if isinstance(event, (vu.ResetOwner, vu.ResetDevice)):
+            self.store.drop_prefix(f"req/{self.name}/")
+            return None
+        if isinstance(event, vu.GetVringBase) or (isinstance(event, vu.SetVringEnable)
+                                                  and not event.enable):
+            self.store.drop(f"req/{self.name}/SetVringKick/{event.index}")
+        key = _request_key(event)
+        if key is None:
+            return None
+        data, fds = vu.FrontendConnection().send(dataclasses.replace(event, need_reply=False))
+        return key, data, tuple(os.dup(fd) for fd in fds)
+
+    def commit(self, prepared: tuple, ok: bool) -> None:
+        key, data, fds = prepared
+        if ok:
+            self.store.put(f"req/{self.name}/{key}", data, fds, owned=True)
+        else:
+            for fd in fds:
+                os.close(fd)
+
+    def config(self, target: int, actual: int, poison: int | None) -> None:
+        blob = msgpack.packb([target, actual, poison])
+        if blob != self._config:
+            self._config = blob
+            self.store.put(f"cfg/{self.name}", blob)
+
+
+@dataclasses.dataclass
+class Adoption:
+    """A dead serve's connection of one VM, as its successor gets it."""
+
+    conn: socket.socket
+    requests: list[tuple[bytes, list[int]]]         # in the order they were made
+    target: int = 0
+    actual: int = 0
+    poison: int | None = None
+
+
+def adoptions(entries: dict[str, tuple[bytes, list[int]]]) -> tuple[dict[str, Adoption], dict[str, bytes]]:
+    """Split the keeper's entries into each VM's ``Adoption`` and the runtime-added VMs'
+    specs (``spec/``). Takes the fds; closes those of malformed entries."""
+    adopted: dict[str, Adoption] = {}
+    specs: dict[str, bytes] = {}
+    leftovers: list[int] = []
+    for key, (blob, fds) in entries.items():
+        kind, _, rest = key.partition("/")
+        if kind == "conn" and len(fds) == 1:
+            adopted[rest] = Adoption(socket.socket(fileno=fds[0]), [])
+        elif kind == "spec":
+            specs[rest] = blob
+            leftovers += fds
+    for key, (blob, fds) in entries.items():
+        kind, _, rest = key.partition("/")
+        name = rest.split("/", 1)[0]
+        if kind == "req" and name in adopted:
+            adopted[name].requests.append((blob, fds))
+        elif kind == "cfg" and name in adopted:
+            try:
+                adoption = adopted[name]
+                adoption.target, adoption.actual, adoption.poison = msgpack.unpackb(blob)
+            except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError):
+                log.warning("vm %s: the kept config is malformed: starting from zero", name)
+            leftovers += fds
+        elif kind not in ("conn", "spec") or (kind == "conn" and len(fds) != 1):
+            leftovers += fds
+    for fd in leftovers:
+        os.close(fd)
+    return adopted, specs

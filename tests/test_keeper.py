@@ -1,0 +1,225 @@
+"""``vballoon serve --keeper``: ``serve`` dies, the keeper holds the guests' connections and
+starts a new ``serve``, which adopts them. The front-end is the Python vhost-user front-end
+with the fake driver's rings in real memfd guest memory; ``serve`` and its jailed workers are
+real processes, killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from control import vhost_user as vu
+from control.client import ControlClient
+from control.errors import ControlError
+from control.handover import Store, VmRecord, adoptions
+from control.keeper import Keeper
+from device.balloon import DEFLATE_QUEUE, INFLATE_QUEUE, BalloonOptions, queue_layout
+from tests.driver import MIB, PAGE, PFNS_PER_BUFFER, BalloonDriver, GuestRam, wait_for
+from tests.frontend import Frontend
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _status(ctl: str) -> dict | None:
+    try:
+        with ControlClient(ctl) as client:
+            return client.request("status")
+    except (OSError, ControlError):
+        return None
+
+
+class KeptServe:
+    """``vballoon serve --keeper`` and a front-end with the fake driver attached to it."""
+
+    def __init__(self, tmp_path: Path, ram: GuestRam) -> None:
+        self.vhost, self.ctl = str(tmp_path / "v.sock"), str(tmp_path / "c.sock")
+        self.log = open(tmp_path / "serve.log", "w+")
+        self.keeper = subprocess.Popen(
+            [sys.executable, "-m", "control.cli", "serve", "--keeper", "--socket", self.vhost,
+             "--control", self.ctl], cwd=ROOT, stderr=self.log)
+        wait_for(lambda: _status(self.ctl) is not None, timeout=10, what="serve")
+        self.frontend = Frontend(self.vhost)
+        features = BalloonOptions().features()
+        self.driver = BalloonDriver(ram, queue_layout(features), features,
+                                    write_config=self.frontend.write_config)
+        self.frontend.setup(ram, self.driver, features)
+        wait_for(lambda: _status(self.ctl)["state"] == "active", what="activation")
+
+    def serve_pid(self) -> int:
+        (pid,) = _children(self.keeper.pid)
+        return pid
+
+    def crash(self) -> None:
+        """SIGKILL serve (its zygote and workers die with it); wait for its successor."""
+        old = self.serve_pid()
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: _children(self.keeper.pid) not in ([], [old]), timeout=10,
+                 what="a new serve")
+        wait_for(lambda: (_status(self.ctl) or {}).get("state") == "active", timeout=15,
+                 what="the adopted device active")
+
+    def close(self) -> None:
+        self.frontend.close()
+        self.driver.close()
+        if self.keeper.poll() is None:
+            self.keeper.send_signal(signal.SIGTERM)
+            try:
+                self.keeper.wait(10)
+            except subprocess.TimeoutExpired:
+                self.keeper.kill()
+                self.keeper.wait()
+        self.log.seek(0)
+        print(self.log.read())
+        self.log.close()
+
+
+@pytest.fixture
+def kept(tmp_path, ram):
+    rig = KeptServe(tmp_path, ram)
+    yield rig
+    rig.close()
+
+
+def test_a_serve_crash_keeps_the_connection_target_actual_and_balloon(kept, ram):
+    ram.populate()
+    full = ram.host_bytes()
+    with ControlClient(kept.ctl) as client:
+        client.request("set", size=16 * MIB)
+    assert kept.frontend.num_pages() == 16 * MIB // PAGE         # the guest reads its target
+    kept.driver.inflate(8 * MIB // PAGE)
+    assert ram.host_bytes() <= full - 8 * MIB
+    before = _status(kept.ctl)
+    kept.crash()
+    after = _status(kept.ctl)
+    assert (after["target_bytes"], after["actual_bytes"]) == (16 * MIB, 8 * MIB)
+    assert after["worker_pid"] not in (None, before["worker_pid"])
+    # The same connection: the guest reads its target and goes on inflating through it.
+    assert kept.frontend.num_pages() == 16 * MIB // PAGE
+    kept.driver.inflate(8 * MIB // PAGE)
+    assert ram.host_bytes() <= full - 16 * MIB
+    with ControlClient(kept.ctl) as client:
+        assert client.request("wait", timeout=10)["outcome"] == "settled"
+        client.request("set", size=0)
+    # And takes every page back (deflate is served too).
+    kept.driver.deflate(16 * MIB // PAGE)
+    assert _status(kept.ctl)["actual_bytes"] == 0
+    # SIGTERM to the keeper ends serve and the keeper; the front-end sees the end.
+    kept.keeper.send_signal(signal.SIGTERM)
+    assert kept.keeper.wait(10) == 0
+    assert kept.frontend.sock.recv(1) == b""
+
+
+def test_buffers_in_flight_when_serve_dies_are_completed_once_by_its_successor(kept, ram):
+    """Four inflate buffers are made available and kicked; serve is killed at once. The new
+    worker resumes at the used index in guest memory: every buffer comes back, and the pages
+    of all four are released."""
+    ram.populate()
+    full = ram.host_bytes()
+    queue = kept.driver.queues[INFLATE_QUEUE]
+    pfns = kept.driver.take_pages(4 * PFNS_PER_BUFFER)
+    for k in range(4):
+        chunk = pfns[k * PFNS_PER_BUFFER:(k + 1) * PFNS_PER_BUFFER]
+        addr = queue.scratch + k * PFNS_PER_BUFFER * 4
+        struct.pack_into(f"<{len(chunk)}I", ram.map, addr, *chunk)
+        queue.add([(addr, 4 * len(chunk))])
+    old = kept.serve_pid()
+    queue.kick()
+    os.kill(old, signal.SIGKILL)
+    used = kept.driver.wait_used(INFLATE_QUEUE, 4)
+    assert len(used) == 4
+    wait_for(lambda: ram.host_bytes() <= full - 4 * MIB, timeout=15, what="the pages released")
+    kept.driver.balloon += pfns
+    kept.driver.set_actual(len(kept.driver.balloon))
+    wait_for(lambda: (_status(kept.ctl) or {}).get("actual_bytes") == 4 * MIB, timeout=15,
+             what="actual kept")
+    # Deflating them goes to the new worker too (deflate waits for its buffers to return).
+    kept.driver.deflate(4 * PFNS_PER_BUFFER)
+    assert kept.driver.queues[DEFLATE_QUEUE].used_idx() == 4
+
+
+def test_a_stopped_ring_is_not_started_again_by_the_successor(kept, ram):
+    """The driver stopped its rings (GET_VRING_BASE, as on unload) before serve died: the
+    new serve must not start a worker on memory the driver may now reuse."""
+    for index in range(len(kept.driver.queues)):
+        kept.frontend.call(vu.GetVringBase(index))
+    wait_for(lambda: _status(kept.ctl)["state"] == "idle", what="the device stopped")
+    old = kept.serve_pid()
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: _children(kept.keeper.pid) not in ([], [old]), timeout=10,
+             what="a new serve")
+    wait_for(lambda: _status(kept.ctl) is not None, timeout=10, what="the new serve")
+    time.sleep(0.5)
+    status = _status(kept.ctl)
+    assert status["connected"] and status["worker_pid"] is None and status["state"] == "idle"
+
+
+def test_a_serve_that_keeps_dying_makes_the_keeper_give_up(tmp_path):
+    """Five crashes within a minute: the keeper stops restarting and exits 1."""
+    def child(store) -> int:
+        os.kill(os.getpid(), signal.SIGKILL)
+        return 0
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = Keeper(child).run()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 1
+
+
+def test_the_store_round_trip_keeps_fds_and_order(tmp_path):
+    """serve's records reach the keeper; a successor gets them back in order, with the same
+    files behind the fds, and ``adoptions`` sorts them into each VM's."""
+    import socket
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    keeper = Keeper(lambda store: 0)
+    b.setblocking(False)
+    keeper.sock = b
+    store = Store(a)
+    record = VmRecord(store, "vm1")
+    conn, peer = socket.socketpair()
+    record.connected(conn)
+    r, w = os.pipe()
+    for event in (vu.SetOwner(), vu.SetVringCall(0, r), vu.SetVringNum(0, 64),
+                  vu.SetVringCall(0, w)):                          # the second call fd replaces
+        prepared = record.prepare(event)
+        record.commit(prepared, True)
+    record.config(100, 50, None)
+    keeper._drain()
+    keys = list(keeper.entries)
+    assert keys == ["conn/vm1", "req/vm1/owner",
+                    "req/vm1/SetVringNum/0", "req/vm1/SetVringCall/0", "cfg/vm1"]
+    adopted, specs = adoptions({k: (blob, [os.dup(fd) for fd in fds])
+                                for k, (blob, fds) in keeper.entries.items()})
+    assert set(adopted) == {"vm1"} and not specs
+    adoption = adopted["vm1"]
+    assert (adoption.target, adoption.actual, adoption.poison) == (100, 50, None)
+    assert len(adoption.requests) == 3
+    call_fds = adoption.requests[2][1]
+    assert os.fstat(call_fds[0]).st_ino == os.fstat(w).st_ino
+    adoption.conn.send(b"x")
+    assert peer.recv(1) == b"x"
+    record.disconnected()
+    keeper._drain()
+    assert keeper.entries == {}
+    for _, fds in adoption.requests:
+        for fd in fds:
+            os.close(fd)
+    for fd in (r, w):
+        os.close(fd)
+    for s in (adoption.conn, conn, peer, a, b):
+        s.close()
