@@ -155,9 +155,10 @@ class Vm:
     def _serve(self, conn: socket.socket) -> VhostUserPeer:
         self.connections += 1
         device = VmDevice(self.loop, self.spec.balloon, self.proxy, self.name)
-        device.listeners.append(lambda: self._on_change(self))
         if self.record is not None:
+            # First: a successor must know whatever a waiting client is told next.
             device.listeners.append(lambda: self._keep_config(device))
+        device.listeners.append(lambda: self._on_change(self))
         self.frontend = VhostUserPeer(self.loop, conn, device, self._closed, self.record)
         return self.frontend
 

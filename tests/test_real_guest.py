@@ -277,3 +277,69 @@ def _answers(ctl) -> bool:
         return True
     except (ControlError, OSError):
         return False
+
+
+def test_with_the_keeper_a_serve_crash_costs_the_guest_nothing(tmp_path):
+    """``serve --keeper``: SIGKILL to serve (its zygote and worker die with it) with 64 MiB in
+    the balloon. The keeper holds UML's connection; the new serve adopts it. The guest keeps
+    its device and its balloon (MemTotal unchanged, the host memory still free), and the
+    balloon deflates and inflates again through the new serve."""
+    import subprocess
+    import sys
+    from control.client import ControlClient
+    vhost, ctl = tmp_path / "v.sock", tmp_path / "c.sock"
+    keeper = subprocess.Popen([sys.executable, "-m", "control.cli", "serve", "--keeper",
+                               "--socket", str(vhost), "--control", str(ctl),
+                               "--log-level", "warning"], start_new_session=True)
+    guest = UmlGuest(GuestConfig(mem_mib=GUEST_MIB, vhost_socket=str(vhost)))
+    try:
+        wait_for(lambda: _answers(ctl), what="serve")
+        guest.start()
+        guest.wait_ready()
+        guest.fill_memory(180)
+        guest.free_memory()
+        with ControlClient(str(ctl)) as client:
+            wait_for(lambda: client.request("status")["state"] == "active", what="activation")
+            total = guest.meminfo()["MemTotal"]
+            client.request("set", size=64 * MIB)
+            assert client.request("wait", timeout=30.0, stall=5.0)["outcome"] == "settled"
+            worker = client.request("status")["worker_pid"]
+        ram_size = guest.ram_files()[0].size
+        assert guest.host_ram_bytes() <= ram_size - 60 * MIB
+        with open(f"/proc/{keeper.pid}/task/{keeper.pid}/children") as f:
+            (serve,) = map(int, f.read().split())
+        os.kill(serve, signal.SIGKILL)
+        wait_for(lambda: _answers(ctl) and _state(ctl) == ("active", True), timeout=20,
+                 what="the new serve serving the adopted connection")
+        with ControlClient(str(ctl)) as client:
+            status = client.request("status")
+        assert status["worker_pid"] != worker
+        assert (status["target_bytes"], status["actual_bytes"]) == (64 * MIB, 64 * MIB)
+        assert "virtio" in guest.run("ls /sys/bus/virtio/devices/")      # the device is there
+        assert guest.meminfo()["MemTotal"] <= total - 60 * 1024           # the balloon too
+        assert guest.host_ram_bytes() <= ram_size - 60 * MIB
+        with ControlClient(str(ctl)) as client:
+            client.request("set", size=0)                                 # it deflates ...
+            assert client.request("wait", timeout=30.0, stall=5.0)["outcome"] == "settled"
+            assert guest.meminfo()["MemTotal"] >= total - 1024
+            guest.fill_memory(150)                                        # ... the guest uses it
+            guest.free_memory()
+            client.request("set", size=48 * MIB)                          # ... and inflates
+            assert client.request("wait", timeout=30.0, stall=5.0)["outcome"] == "settled"
+        assert guest.meminfo()["MemTotal"] <= total - 44 * 1024
+    finally:
+        guest.stop()
+        if keeper.poll() is None:
+            keeper.send_signal(signal.SIGTERM)
+            try:
+                keeper.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(keeper.pid, signal.SIGKILL)
+                keeper.wait(10)
+
+
+def _state(ctl) -> tuple[str, bool]:
+    from control.client import ControlClient
+    with ControlClient(str(ctl)) as client:
+        status = client.request("status")
+    return status["state"], status["connected"]
