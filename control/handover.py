@@ -193,6 +193,9 @@ def _request_key(event: vu.Request) -> str | None:
     return None
 
 
+RING_BASE = object()             # ``prepare``'s mark for a GET_VRING_BASE
+
+
 class VmRecord:
     """What one VM's connection leaves with the keeper (keys ``conn/``, ``req/``, ``cfg/``
     under the VM's name); ``spec/`` keeps a VM added at runtime."""
@@ -208,6 +211,7 @@ class VmRecord:
     def disconnected(self) -> None:
         self.store.drop(f"conn/{self.name}")
         self.store.drop(f"cfg/{self.name}")
+        self.store.drop(f"inflight/{self.name}")
         self.store.drop_prefix(f"req/{self.name}/")
         self._config = None
 
@@ -221,19 +225,36 @@ class VmRecord:
         if isinstance(event, vu.GetVringBase) or (isinstance(event, vu.SetVringEnable)
                                                   and not event.enable):
             self.store.drop(f"req/{self.name}/SetVringKick/{event.index}")
+        if isinstance(event, vu.GetVringBase):
+            return RING_BASE, event.index, ()
         key = _request_key(event)
         if key is None:
             return None
         data, fds = vu.FrontendConnection().send(dataclasses.replace(event, need_reply=False))
         return key, data, tuple(os.dup(fd) for fd in fds)
 
-    def commit(self, prepared: tuple, ok: bool) -> None:
+    def commit(self, prepared: tuple, ok: bool, base: int | None = None) -> None:
+        """After the session handled the request ``prepare`` kept: store it if it applied.
+        For GET_VRING_BASE, ``base`` is the index the front-end was told: kept as the
+        ring's base, which a successor answers if asked again."""
         key, data, fds = prepared
+        if key is RING_BASE:
+            if ok and base is not None:
+                request = vu.FrontendConnection().send(vu.SetVringBase(data, base))[0]
+                self.store.put(f"req/{self.name}/SetVringBase/{data}", request)
+            return
         if ok:
             self.store.put(f"req/{self.name}/{key}", data, fds, owned=True)
         else:
             for fd in fds:
                 os.close(fd)
+
+    def in_flight(self, data: bytes, fds: list[int]) -> None:
+        """A request (with fds) read and not yet answered: a successor answers it."""
+        self.store.put(f"inflight/{self.name}", data, tuple(fds))
+
+    def answered(self) -> None:
+        self.store.drop(f"inflight/{self.name}")
 
     def config(self, target: int, actual: int, poison: int | None) -> None:
         blob = msgpack.packb([target, actual, poison])
@@ -251,6 +272,7 @@ class Adoption:
     target: int = 0
     actual: int = 0
     poison: int | None = None
+    in_flight: tuple[bytes, list[int]] | None = None   # read, never answered: answer it
 
 
 def adoptions(entries: dict[str, tuple[bytes, list[int]]]) -> tuple[dict[str, Adoption], dict[str, bytes]]:
@@ -271,6 +293,8 @@ def adoptions(entries: dict[str, tuple[bytes, list[int]]]) -> tuple[dict[str, Ad
         name = rest.split("/", 1)[0]
         if kind == "req" and name in adopted:
             adopted[name].requests.append((blob, fds))
+        elif kind == "inflight" and name in adopted:
+            adopted[name].in_flight = (blob, fds)
         elif kind == "cfg" and name in adopted:
             try:
                 adoption = adopted[name]

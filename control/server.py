@@ -150,7 +150,7 @@ class Server:
                 if vm is None:
                     log.warning("vm %s: kept connection of a VM no longer served: closed", name)
                     adoption.conn.close()
-                    for _, fds in adoption.requests:
+                    for _, fds in adoption.requests + [adoption.in_flight or (b"", [])]:
                         for fd in fds:
                             os.close(fd)
                     continue

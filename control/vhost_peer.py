@@ -27,6 +27,7 @@ reply buffer. Nothing here blocks.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -46,6 +47,17 @@ FRONTEND_LOW_WATER = 16 * 1024     # ... and read again once this little is left
 # Plain ints: combining the socket module's flag enums costs more than the call they go to.
 _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
 _CTRUNC = int(socket.MSG_CTRUNC)
+_PEEK_FLAGS = _RECV_FLAGS | int(socket.MSG_PEEK)
+# Requests that never carry fds: with a keeper, handled while still queued (see _peek_one).
+_WITHOUT_FDS = frozenset(int(r) for r in (
+    vu.FrontendRequest.GET_FEATURES, vu.FrontendRequest.SET_FEATURES,
+    vu.FrontendRequest.SET_OWNER, vu.FrontendRequest.RESET_OWNER,
+    vu.FrontendRequest.SET_VRING_NUM, vu.FrontendRequest.SET_VRING_ADDR,
+    vu.FrontendRequest.SET_VRING_BASE, vu.FrontendRequest.GET_VRING_BASE,
+    vu.FrontendRequest.GET_PROTOCOL_FEATURES, vu.FrontendRequest.SET_PROTOCOL_FEATURES,
+    vu.FrontendRequest.GET_QUEUE_NUM, vu.FrontendRequest.SET_VRING_ENABLE,
+    vu.FrontendRequest.GET_CONFIG, vu.FrontendRequest.SET_CONFIG,
+    vu.FrontendRequest.RESET_DEVICE, vu.FrontendRequest.GET_MAX_MEM_SLOTS))
 MESSAGES_PER_TURN = 8              # requests handled per turn before the other connections'
 REQUESTS_PER_SECOND = 40_000.0     # a front-end's requests, sustained ...
 REQUEST_BURST = 4_000.0            # ... and at once
@@ -76,6 +88,8 @@ class VhostUserPeer:
         self._unbilled = 0                # requests handled, not yet counted in _budget
         self.record = record              # what a successor needs, left with the keeper
         self._recording: tuple | None = None   # a kept request answered later
+        self._unconsumed = 0              # bytes of the request being handled, still queued
+        self._settle: Callable[[], None] | None = None   # once the request is answered
         self._writing = False             # watching the socket for writability
         self._watched: tuple | None = None  # what _update last set up
         self._backend_req: socket.socket | None = None
@@ -86,17 +100,75 @@ class VhostUserPeer:
     # -- reading ---------------------------------------------------------------------------------
 
     def _readable(self) -> None:
+        if self.record is not None and self.codec.idle:
+            self._peek_one()
+            return
+        self._receive()
+
+    def _peek_one(self) -> None:
+        """With a keeper, a request is never lost to a crash between reading and answering
+        it: the successor answers it. A request without fds is handled while it is still
+        queued in the socket and taken out once answered; one that may carry fds (setup
+        only) is read, left with the keeper as the one in flight, and forgotten once
+        answered. (The kernel may hand a later request's fds to a peek, so fds are only
+        ever taken from a real read.) Serve dying after a reply is sent and before the
+        request is taken out or forgotten makes the successor answer it twice: a window of
+        one system call, against the whole handling otherwise."""
+        try:
+            data, ancillary, _, _ = self.conn.recvmsg(vu.RECV_SIZE, vu.ANCILLARY_SIZE,
+                                                      _PEEK_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.close(f"receive failed: {exc}")
+            return
+        for fd in vu.fds_from_ancillary(ancillary) if ancillary else ():
+            os.close(fd)                      # a later request's, or duplicates: see above
+        if len(data) < 12:
+            self._receive()                   # EOF, or a request not all there yet
+            return
+        request = int.from_bytes(data[:4], "little")
+        total = 12 + int.from_bytes(data[8:12], "little")
+        if request in _WITHOUT_FDS and len(data) >= total:
+            self._settle = self._consume_peeked
+            self._unconsumed = total
+            self._serve_buffered(data[:total], [], False)
+            return
+        self._receive(min(total, vu.RECV_SIZE), in_flight=True)
+
+    def _after_answer(self) -> None:
+        settle, self._settle = self._settle, None
+        settle()
+
+    def _consume_peeked(self) -> None:
+        """Take the request just answered out of the socket."""
+        count, self._unconsumed = self._unconsumed, 0
+        try:
+            data, ancillary, _, _ = self.conn.recvmsg(count, vu.ANCILLARY_SIZE, _RECV_FLAGS)
+        except OSError as exc:
+            self.close(f"receive failed: {exc}")
+            return
+        for fd in vu.fds_from_ancillary(ancillary) if ancillary else ():
+            os.close(fd)                      # (a request of a kind that carries none)
+        if len(data) != count:
+            self.close(f"the peeked request changed under us ({len(data)} of {count} bytes)")
+
+    def _receive(self, size: int = vu.RECV_SIZE, in_flight: bool = False) -> None:
+        """Read and handle what came. ``in_flight`` (with a keeper): ``size`` is one whole
+        request's, left with the keeper until it is answered."""
         try:
             # recvmsg, not socket.recv_fds: on 3.11 recv_fds drops its flags, and the fds
             # must arrive close-on-exec so no child inherits them unless given on purpose.
-            data, ancillary, flags, _ = self.conn.recvmsg(
-                vu.RECV_SIZE, vu.ANCILLARY_SIZE, _RECV_FLAGS)
+            data, ancillary, flags, _ = self.conn.recvmsg(size, vu.ANCILLARY_SIZE, _RECV_FLAGS)
             fds = vu.fds_from_ancillary(ancillary) if ancillary else []
         except BlockingIOError:
             return
         except OSError as exc:
             self.close(f"receive failed: {exc}")
             return
+        if in_flight and len(data) == size:
+            self.record.in_flight(data, fds)
+            self._settle = self.record.answered
         self._serve_buffered(data, fds, bool(flags & _CTRUNC))
 
     def _serve_buffered(self, data: bytes | None = None, fds: list[int] = (),
@@ -135,6 +207,8 @@ class VhostUserPeer:
                 break
             if reply is not None:
                 self._send(reply)
+            if self._settle is not None:
+                self._after_answer()
             if self.codec.idle or handled == MESSAGES_PER_TURN:
                 break             # the usual case: one message read, answered
         if handled and not self.closed:
@@ -177,14 +251,21 @@ class VhostUserPeer:
             if reply is PENDING:
                 self._recording = (prepared, failures)
             else:
-                self.record.commit(prepared, self.session.failures == failures)
+                self._commit(prepared, failures)
         return reply
 
+    def _commit(self, prepared: tuple, failures: int) -> None:
+        index = prepared[1]
+        base = self.session.state.vrings[index].base if isinstance(index, int) else None
+        self.record.commit(prepared, self.session.failures == failures, base)
+
     def adopt(self, requests: list[tuple[bytes, list[int]]],
+              in_flight: tuple[bytes, list[int]] | None,
               done: Callable[[BaseException | None], None]) -> None:
         """Carry on a dead serve's session: replay its setup ``requests`` (bytes and fds,
-        in order; answered to nobody), then start the rings that were served. Requests the
-        front-end sent meanwhile are handled after that, in order."""
+        in order; answered to nobody), then start the rings that were served. The request
+        it had read and not answered (``in_flight``) is handled and answered next, then
+        what the front-end sent meanwhile, in order."""
         replay = vu.BackendConnection(max_queues=MAX_QUEUES)
         self.session.adopting = True
         self._held = True                  # the socket is not read until the rings run
@@ -199,25 +280,36 @@ class VhostUserPeer:
                     raise vu.VhostUserError(f"a kept {type(event).__name__} did not apply at once")
         except (vu.VhostUserError, FrontendGone) as exc:
             self.session.adopting = False
+            for fd in in_flight[1] if in_flight else ():
+                os.close(fd)
             self.close(f"cannot adopt the connection: {exc}")
             done(exc)
             return
 
         def started(error: BaseException | None) -> None:
             done(error)
-            self._serve_buffered()
+            if in_flight is None or self.closed:
+                for fd in in_flight[1] if in_flight else ():
+                    os.close(fd)
+                self._serve_buffered()
+                return
+            if self.record is not None:
+                self._settle = self.record.answered
+            self._serve_buffered(*in_flight)
         self.session.finish_adoption(started)
 
     def _on_late_reply(self, reply: bytes | None) -> None:
         if self._recording is not None:
             prepared, failures = self._recording
             self._recording = None
-            self.record.commit(prepared, self.session.failures == failures)
+            self._commit(prepared, failures)
         if self.closed:
             return
         try:
             if reply is not None:
                 self._send(reply)
+            if self._settle is not None:
+                self._after_answer()
             self._process()
         except (vu.VhostUserError, FrontendGone) as exc:
             self.close(f"vhost-user protocol error: {exc}")

@@ -181,7 +181,7 @@ class Vm:
                 log.error("vm %s: the adopted session did not start: %s", self.name, error)
             else:
                 log.info("vm %s: serving the adopted connection again", self.name)
-        peer.adopt(adoption.requests, started)
+        peer.adopt(adoption.requests, adoption.in_flight, started)
         if peer.closed:
             return
         try:

@@ -43,11 +43,11 @@ def _status(ctl: str) -> dict | None:
 class KeptServe:
     """``vballoon serve --keeper`` and a front-end with the fake driver attached to it."""
 
-    def __init__(self, tmp_path: Path, ram: GuestRam) -> None:
+    def __init__(self, tmp_path: Path, ram: GuestRam, python: tuple[str, ...] = ("-m", "control.cli")) -> None:
         self.vhost, self.ctl = str(tmp_path / "v.sock"), str(tmp_path / "c.sock")
         self.log = open(tmp_path / "serve.log", "w+")
         self.keeper = subprocess.Popen(
-            [sys.executable, "-m", "control.cli", "serve", "--keeper", "--socket", self.vhost,
+            [sys.executable, *python, "serve", "--keeper", "--socket", self.vhost,
              "--control", self.ctl], cwd=ROOT, stderr=self.log)
         wait_for(lambda: _status(self.ctl) is not None, timeout=10, what="serve")
         self.frontend = Frontend(self.vhost)
@@ -151,9 +151,12 @@ def test_buffers_in_flight_when_serve_dies_are_completed_once_by_its_successor(k
 
 def test_a_stopped_ring_is_not_started_again_by_the_successor(kept, ram):
     """The driver stopped its rings (GET_VRING_BASE, as on unload) before serve died: the
-    new serve must not start a worker on memory the driver may now reuse."""
-    for index in range(len(kept.driver.queues)):
-        kept.frontend.call(vu.GetVringBase(index))
+    new serve must not start a worker on memory the driver may now reuse, and asked again,
+    answers the bases the first one answered (not the stale ones the rings were set up with)."""
+    kept.driver.inflate(PFNS_PER_BUFFER)
+    bases = [kept.frontend.call(vu.GetVringBase(index)).num
+             for index in range(len(kept.driver.queues))]
+    assert bases[0] == 1
     wait_for(lambda: _status(kept.ctl)["state"] == "idle", what="the device stopped")
     old = kept.serve_pid()
     os.kill(old, signal.SIGKILL)
@@ -163,6 +166,57 @@ def test_a_stopped_ring_is_not_started_again_by_the_successor(kept, ram):
     time.sleep(0.5)
     status = _status(kept.ctl)
     assert status["connected"] and status["worker_pid"] is None and status["state"] == "idle"
+    assert [kept.frontend.call(vu.GetVringBase(index)).num
+            for index in range(len(kept.driver.queues))] == bases
+
+
+CRASH_MID_REQUEST = """
+import os, signal, sys
+from control import vhost_backend, vhost_user
+handle = vhost_backend.VhostUserSession.handle
+kind = getattr(vhost_user, sys.argv[2])
+def crashing(self, event, conn):
+    reply = handle(self, event, conn)
+    if isinstance(event, kind) and os.path.exists(sys.argv[1]):
+        os.unlink(sys.argv[1])                 # once: the successor answers normally
+        os.kill(os.getpid(), signal.SIGKILL)   # the request read and handled, not answered
+    return reply
+vhost_backend.VhostUserSession.handle = crashing
+from control.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("kind", ["GetConfig", "SetVringCall"])
+def test_a_request_serve_dies_handling_is_answered_by_its_successor(tmp_path, ram, kind):
+    """serve is killed after handling a request and before answering it (injected through
+    the session, in serve's own process): a config read (handled while still queued in the
+    socket) and a call fd swap (carries an fd: left with the keeper while in flight). The
+    front-end, which waits for the reply as UML's vCPU would, gets it from the new serve:
+    exactly one reply, and the connection goes on in step."""
+    marker = tmp_path / "crash-once"
+    rig = KeptServe(tmp_path, ram, ("-c", CRASH_MID_REQUEST, str(marker), kind))
+    try:
+        with ControlClient(rig.ctl) as client:
+            client.request("set", size=4 * MIB)
+        old = rig.serve_pid()
+        marker.touch()
+        if kind == "GetConfig":
+            reply = rig.frontend.call(vu.GetConfig(0, 8, 0))           # serve dies on this one
+            assert struct.unpack_from("<I", reply.data)[0] == 4 * MIB // PAGE
+        else:
+            call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            assert rig.frontend.ack(vu.SetVringCall(0, call, need_reply=True))
+            queue = rig.driver.queues[INFLATE_QUEUE]
+            os.close(queue.call_fd)
+            queue.call_fd = call                 # the worker signals the new fd from now on
+        assert not marker.exists() and rig.serve_pid() != old
+        assert rig.frontend.num_pages() == 4 * MIB // PAGE            # in step: no extra reply
+        wait_for(lambda: _status(rig.ctl)["state"] == "active", what="active again")
+        rig.driver.inflate(PFNS_PER_BUFFER)                           # and served
+        wait_for(lambda: _status(rig.ctl)["actual_bytes"] == MIB, what="actual")
+    finally:
+        rig.close()
 
 
 def test_a_serve_that_keeps_dying_makes_the_keeper_give_up(tmp_path):
