@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import socket
+import struct
 import time
 
 import msgpack
@@ -193,7 +194,8 @@ def _request_key(event: vu.Request) -> str | None:
     return None
 
 
-RING_BASE = object()             # ``prepare``'s mark for a GET_VRING_BASE
+RING_BASE = object()
+_CONFIG = struct.Struct("<IIq")   # target, actual, poison_val (-1: not written)             # ``prepare``'s mark for a GET_VRING_BASE
 
 
 class VmRecord:
@@ -257,7 +259,7 @@ class VmRecord:
         self.store.drop(f"inflight/{self.name}")
 
     def config(self, target: int, actual: int, poison: int | None) -> None:
-        blob = msgpack.packb([target, actual, poison])
+        blob = _CONFIG.pack(target, actual, -1 if poison is None else poison)
         if blob != self._config:
             self._config = blob
             self.store.put(f"cfg/{self.name}", blob)
@@ -298,8 +300,9 @@ def adoptions(entries: dict[str, tuple[bytes, list[int]]]) -> tuple[dict[str, Ad
         elif kind == "cfg" and name in adopted:
             try:
                 adoption = adopted[name]
-                adoption.target, adoption.actual, adoption.poison = msgpack.unpackb(blob)
-            except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError):
+                adoption.target, adoption.actual, poison = _CONFIG.unpack(blob)
+                adoption.poison = None if poison < 0 else poison
+            except struct.error:
                 log.warning("vm %s: the kept config is malformed: starting from zero", name)
             leftovers += fds
         elif kind not in ("conn", "spec") or (kind == "conn" and len(fds) != 1):

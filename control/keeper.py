@@ -31,6 +31,7 @@ log = logging.getLogger("vballoon.keeper")
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 MAX_ENTRIES = 65536               # keys held (each VM: ~25 + its connection)
+BATCH = 0.02                      # seconds between looks at serve's records
 CONFIG_ERROR = 2                  # serve's exit status for a refused configuration: not retried
 
 
@@ -159,6 +160,11 @@ class Keeper:
                     continue
                 if self.sock in ready:
                     self._drain()
+                    # Records wait in the socket (serve's queue behind it) until the next
+                    # look: one wake-up per BATCH s, not per record (serve sends one per MiB
+                    # a guest inflates). A successor still gets every record: the socket is
+                    # drained before it starts.
+                    time.sleep(BATCH)
                 if self.pidfd not in ready:
                     continue
                 status = self._reap()
