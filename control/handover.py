@@ -194,6 +194,7 @@ def _request_key(event: vu.Request) -> str | None:
     return None
 
 
+BLOB_KINDS = ("spec", "pilot")   # kept per VM, without fds, beside its connection
 RING_BASE = object()
 _CONFIG = struct.Struct("<IIq")   # target, actual, poison_val (-1: not written)             # ``prepare``'s mark for a GET_VRING_BASE
 
@@ -277,18 +278,20 @@ class Adoption:
     in_flight: tuple[bytes, list[int]] | None = None   # read, never answered: answer it
 
 
-def adoptions(entries: dict[str, tuple[bytes, list[int]]]) -> tuple[dict[str, Adoption], dict[str, bytes]]:
-    """Split the keeper's entries into each VM's ``Adoption`` and the runtime-added VMs'
-    specs (``spec/``). Takes the fds; closes those of malformed entries."""
+def adoptions(entries: dict[str, tuple[bytes, list[int]]]
+              ) -> tuple[dict[str, Adoption], dict[str, dict[str, bytes]]]:
+    """Split the keeper's entries into each VM's ``Adoption`` and the other blobs by kind
+    and VM (``spec``: VMs added at runtime; ``pilot``: autopilot settings). Takes the fds;
+    closes those of entries that need none."""
     adopted: dict[str, Adoption] = {}
-    specs: dict[str, bytes] = {}
+    blobs: dict[str, dict[str, bytes]] = {kind: {} for kind in BLOB_KINDS}
     leftovers: list[int] = []
     for key, (blob, fds) in entries.items():
         kind, _, rest = key.partition("/")
         if kind == "conn" and len(fds) == 1:
             adopted[rest] = Adoption(socket.socket(fileno=fds[0]), [])
-        elif kind == "spec":
-            specs[rest] = blob
+        elif kind in BLOB_KINDS:
+            blobs[kind][rest] = blob
             leftovers += fds
     for key, (blob, fds) in entries.items():
         kind, _, rest = key.partition("/")
@@ -305,8 +308,8 @@ def adoptions(entries: dict[str, tuple[bytes, list[int]]]) -> tuple[dict[str, Ad
             except struct.error:
                 log.warning("vm %s: the kept config is malformed: starting from zero", name)
             leftovers += fds
-        elif kind not in ("conn", "spec") or (kind == "conn" and len(fds) != 1):
+        elif kind != "conn" and kind not in BLOB_KINDS or (kind == "conn" and len(fds) != 1):
             leftovers += fds
     for fd in leftovers:
         os.close(fd)
-    return adopted, specs
+    return adopted, blobs

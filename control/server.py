@@ -118,7 +118,8 @@ class Server:
         if store is not None:
             store.watch = lambda writable: self.loop.watch(
                 store.sock, writer=store.flush if writable else None)
-        adopted, added = adoptions(kept or {})
+        adopted, kept_blobs = adoptions(kept or {})
+        self._kept_pilots = kept_blobs["pilot"]
         self.running = True
         self.vms: dict[str, Vm] = {}
         self._vm_listeners: dict[int, Vm] = {}
@@ -141,7 +142,7 @@ class Server:
         try:
             for spec in specs:
                 self.add_vm(spec)
-            for name, blob in added.items():
+            for name, blob in kept_blobs["spec"].items():
                 spec = self._kept_spec(name, blob)
                 if spec is not None:
                     self.add_vm(spec, keep=True)
@@ -154,7 +155,7 @@ class Server:
                         for fd in fds:
                             os.close(fd)
                     continue
-                vm.adopt(adoption)
+                vm.adopt(adoption, lambda vm=vm: self._pilot_again(vm))
             if options.control_path:
                 self.control_listener = self._listen(options.control_path, backlog=16)
                 self._watch_listener(self.control_listener)
@@ -204,7 +205,7 @@ class Server:
         if vm is None:
             raise RequestError(f"no VM named {name!r}")
         self._fail_waiters(vm, "the VM was removed")
-        self.pilot.disable(name, "the VM was removed")
+        self._pilot_off(name, "the VM was removed")
         self._close_vm(vm)
         if self.store is not None:
             self.store.drop(f"spec/{name}")
@@ -374,7 +375,33 @@ class Server:
 
     def _vm_disconnected(self, vm: Vm) -> None:
         self._fail_waiters(vm, "the guest disconnected")
-        self.pilot.disable(vm.name, "the guest disconnected")
+        self._pilot_off(vm.name, "the guest disconnected")
+
+    # -- the autopilot's settings, kept with the keeper (--keeper) ----------------------------
+
+    def _pilot_on(self, vm: Vm, floor: int | None, reserve: int | None, ceiling: int | None,
+                  dry_run: bool) -> dict:
+        status = self.pilot.enable(vm, floor, reserve, ceiling, dry_run)
+        if self.store is not None:
+            self.store.put(f"pilot/{vm.name}", msgpack.packb([floor, reserve, ceiling, dry_run]))
+        return status
+
+    def _pilot_off(self, name: str, why: str = "disabled") -> bool:
+        if self.store is not None:
+            self.store.drop(f"pilot/{name}")
+        return self.pilot.disable(name, why)
+
+    def _pilot_again(self, vm: Vm) -> None:
+        """An adopted VM serves again: its autopilot too, as it was set."""
+        blob = self._kept_pilots.pop(vm.name, None)
+        if blob is None or self.vms.get(vm.name) is not vm:
+            return
+        try:
+            floor, reserve, ceiling, dry_run = msgpack.unpackb(blob)
+            self._pilot_on(vm, floor, reserve, ceiling, dry_run)
+        except (ValueError, TypeError, RequestError, msgpack.ExtraData, msgpack.FormatError) as exc:
+            log.error("vm %s: the kept autopilot settings do not apply (%s): autopilot off",
+                      vm.name, exc)
 
     def _fail_waiters(self, vm: Vm, why: str) -> None:
         theirs = [w for w in self.waiters if w.vm is vm]
@@ -476,7 +503,7 @@ class Server:
     def _manual(self, name: str) -> bool:
         """A manual target on a VM under autopilot takes it off autopilot (always: the
         operator's word wins, and the reply says so)."""
-        return self.pilot.disable(name, "a manual target")
+        return self._pilot_off(name, "a manual target")
 
     def _devices_for(self, message: dict) -> dict[str, VmDevice | None]:
         targets = message.get("targets")
@@ -521,7 +548,7 @@ class Server:
                     "host_budget_bytes": self.options.autopilot.host_budget}
         vm = self._resolve(message)
         if action == "disable":
-            if not self.pilot.disable(vm.name):
+            if not self._pilot_off(vm.name):
                 raise RequestError(f"VM {vm.name!r} is not under autopilot")
             return self.pilot.status(vm.name)
         if action == "enable":
@@ -534,8 +561,8 @@ class Server:
             dry_run = message.get("dry_run", False)
             if type(dry_run) is not bool:
                 raise RequestError("'dry_run' must be true or false")
-            return self.pilot.enable(vm, sizes["floor"], sizes["reserve"], sizes["ceiling"],
-                                     dry_run)
+            return self._pilot_on(vm, sizes["floor"], sizes["reserve"], sizes["ceiling"],
+                                  dry_run)
         raise RequestError(f"unknown autopilot action {action!r}: enable, disable or status")
 
     def _cmd_remove(self, message: dict) -> dict:

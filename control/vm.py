@@ -168,9 +168,10 @@ class Vm:
             self.record.config(config.num_pages, config.actual,
                                device.model.poison_val if device.model.poison_written else None)
 
-    def adopt(self, adoption: Adoption) -> None:
+    def adopt(self, adoption: Adoption, serving: Callable[[], None] = lambda: None) -> None:
         """Carry on the connection a dead ``serve`` left with the keeper: the session
-        replayed, the target and ``actual`` as they were, the rings resumed."""
+        replayed, the target and ``actual`` as they were, the rings resumed (then
+        ``serving()``)."""
         log.info("vm %s: adopting the front-end's connection (%d requests replayed)",
                  self.name, len(adoption.requests))
         peer = self._serve(adoption.conn)
@@ -181,6 +182,7 @@ class Vm:
                 log.error("vm %s: the adopted session did not start: %s", self.name, error)
             else:
                 log.info("vm %s: serving the adopted connection again", self.name)
+                serving()
         peer.adopt(adoption.requests, adoption.in_flight, started)
         if peer.closed:
             return

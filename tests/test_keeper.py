@@ -100,9 +100,14 @@ def test_a_serve_crash_keeps_the_connection_target_actual_and_balloon(kept, ram)
     assert kept.frontend.num_pages() == 16 * MIB // PAGE         # the guest reads its target
     kept.driver.inflate(8 * MIB // PAGE)
     assert ram.host_bytes() <= full - 8 * MIB
+    with ControlClient(kept.ctl) as client:
+        client.request("autopilot", action="enable", vm="default", floor=8 * MIB, dry_run=True)
     before = _status(kept.ctl)
     kept.crash()
     after = _status(kept.ctl)
+    with ControlClient(kept.ctl) as client:               # the autopilot as it was set
+        pilot = client.request("autopilot", action="status", vm="default")["vms"][0]
+    assert pilot["enabled"] and pilot["floor_bytes"] == 8 * MIB and pilot["dry_run"]
     assert (after["target_bytes"], after["actual_bytes"]) == (16 * MIB, 8 * MIB)
     assert after["worker_pid"] not in (None, before["worker_pid"])
     # The same connection: the guest reads its target and goes on inflating through it.
@@ -257,9 +262,9 @@ def test_the_store_round_trip_keeps_fds_and_order(tmp_path):
     keys = list(keeper.entries)
     assert keys == ["conn/vm1", "req/vm1/owner",
                     "req/vm1/SetVringNum/0", "req/vm1/SetVringCall/0", "cfg/vm1"]
-    adopted, specs = adoptions({k: (blob, [os.dup(fd) for fd in fds])
+    adopted, blobs = adoptions({k: (blob, [os.dup(fd) for fd in fds])
                                 for k, (blob, fds) in keeper.entries.items()})
-    assert set(adopted) == {"vm1"} and not specs
+    assert set(adopted) == {"vm1"} and blobs == {"spec": {}, "pilot": {}}
     adoption = adopted["vm1"]
     assert (adoption.target, adoption.actual, adoption.poison) == (100, 50, None)
     assert len(adoption.requests) == 3
