@@ -157,19 +157,16 @@ class Store:
         self.watch(False)
 
     def _lose(self, why: str) -> None:
+        """Give up on the keeper, and tell it so by closing the socket: it then forgets all
+        it holds (a successor must never adopt a session that went on without it)."""
         log.error("%s: a crash of this serve will now cost the guests their balloons", why)
         self.gone = True
         while self.queue:
             for fd in self.queue.popleft()[3]:
                 os.close(fd)
         self.watch(False)
-
-    def close(self) -> None:
-        self.gone = True
-        while self.queue:
-            for fd in self.queue.popleft()[3]:
-                os.close(fd)
         self.sock.close()
+
 
 
 # -- one VM's records ------------------------------------------------------------------------

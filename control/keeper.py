@@ -24,6 +24,8 @@ import socket
 import time
 from collections.abc import Callable
 
+import prctl
+
 from control.handover import recv_record, send_record
 
 log = logging.getLogger("vballoon.keeper")
@@ -31,8 +33,18 @@ log = logging.getLogger("vballoon.keeper")
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 MAX_ENTRIES = 65536               # keys held (each VM: ~25 + its connection)
+GIVE_UP_GRACE = 1.0               # serve alive this long after closing its end: it gave up
+ORPHAN_GRACE = 2.0                # seconds a dead serve's processes get to end by themselves
 BATCH = 0.02                      # seconds between looks at serve's records
 CONFIG_ERROR = 2                  # serve's exit status for a refused configuration: not retried
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
 
 
 class Keeper:
@@ -119,7 +131,36 @@ class Keeper:
         self._drain()                 # what it left before it died still counts
         self.sock.close()
         self.sock = None
+        self._reap_orphans()
         return status
+
+    def _reap_orphans(self) -> None:
+        """Wait until every process of the dead serve is gone: its zygote and workers die
+        with it (parent-death signals) and, the keeper being a child subreaper, end as its
+        children. A successor's worker must never serve a ring an old one still touches.
+        Bounded: stragglers are killed after ORPHAN_GRACE s, and waited for as long again."""
+        deadline = time.monotonic() + ORPHAN_GRACE
+        killed = False
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return                                  # none left
+            if pid:
+                continue
+            if time.monotonic() >= deadline:
+                if killed:
+                    log.error("processes of the dead serve outlive SIGKILL: starting anyway")
+                    return
+                for orphan in _children(os.getpid()):
+                    log.warning("process %d of the dead serve is still there: killing it", orphan)
+                    try:
+                        os.kill(orphan, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                killed = True
+                deadline = time.monotonic() + ORPHAN_GRACE
+            time.sleep(0.005)
 
     def _drain(self) -> None:
         while True:
@@ -133,9 +174,23 @@ class Keeper:
             except OSError:
                 return
             if record is None:
-                self.eof = True
+                if not self.eof:
+                    self.eof = True
+                    self._closed_by_serve()
                 return
             self.apply(*record)
+
+    def _closed_by_serve(self) -> None:
+        """serve's end of the socket closed: it died (its files close just before its
+        pidfd says so), or it is alive and gave up on us because we did not read. Then what
+        we hold is no longer kept up to date, and a successor must never adopt a stale
+        session: forget it all."""
+        if self.pidfd < 0 or select.select([self.pidfd], [], [], GIVE_UP_GRACE)[0]:
+            return                                      # it died: the main loop reaps it
+        log.error("serve gave up on its keeper: forgetting %d entries (a crash of this serve "
+                  "now costs the guests their balloons)", len(self.entries))
+        for key in list(self.entries):
+            self._forget(key)
 
     # -- running -------------------------------------------------------------------------------
 
@@ -150,6 +205,7 @@ class Keeper:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        prctl.set_child_subreaper(1)          # the dead serve's processes end as ours
         self._start()
         try:
             while True:

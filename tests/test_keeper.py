@@ -40,6 +40,15 @@ def _status(ctl: str) -> dict | None:
         return None
 
 
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie (the keeper, a child subreaper, reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 class KeptServe:
     """``vballoon serve --keeper`` and a front-end with the fake driver attached to it."""
 
@@ -282,3 +291,49 @@ def test_the_store_round_trip_keeps_fds_and_order(tmp_path):
         os.close(fd)
     for s in (adoption.conn, conn, peer, a, b):
         s.close()
+
+
+def test_a_keeper_that_stops_reading_is_given_up_and_never_adopts_stale_state(kept):
+    """The keeper is stopped while the guest keeps changing ``actual``: serve never waits
+    for it; once its queue is full it gives up on the keeper and closes the socket, and the
+    keeper forgets all it held. A crash then costs the connection, as without a keeper,
+    rather than a successor adopting a session that went on without the keeper."""
+    os.kill(kept.keeper.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        for value in range(1, 6000):                 # each a config record for the keeper
+            kept.frontend.write_config(4, struct.pack("<I", value))
+        assert time.monotonic() - start < 10         # serve never waited for the keeper
+        assert _status(kept.ctl)["actual_bytes"] == 5999 * PAGE
+    finally:
+        os.kill(kept.keeper.pid, signal.SIGCONT)
+    time.sleep(1.5)                                   # the keeper sees serve gave up on it
+    old = kept.serve_pid()
+    os.kill(old, signal.SIGKILL)
+    kept.frontend.sock.settimeout(10)
+    assert kept.frontend.sock.recv(1) == b""         # the connection went with serve
+    wait_for(lambda: (_status(kept.ctl) or {}).get("state") == "waiting", timeout=10,
+             what="a fresh serve")
+
+
+def test_a_front_end_gone_while_serve_is_dead_is_adopted_as_gone(kept):
+    """serve dies and the front-end disconnects before the successor starts (the keeper is
+    held stopped in between): the successor adopts a connection at its end, lets it go and
+    waits for the next front-end, with no worker left behind."""
+    worker = _status(kept.ctl)["worker_pid"]
+    os.kill(kept.keeper.pid, signal.SIGSTOP)
+    try:
+        old = kept.serve_pid()
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: _dead(worker), what="the old worker dead")
+        kept.frontend.close()
+        kept.driver.close()
+    finally:
+        os.kill(kept.keeper.pid, signal.SIGCONT)
+    wait_for(lambda: (_status(kept.ctl) or {}).get("state") == "waiting", timeout=15,
+             what="the successor waiting for a front-end")
+    status = _status(kept.ctl)
+    assert status["worker_pid"] is None and not status["connected"]
+    kept.frontend = Frontend.__new__(Frontend)       # (closed above: nothing left to close)
+    kept.frontend.close = lambda: None
+    kept.driver.close = lambda: None
