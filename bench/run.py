@@ -22,14 +22,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))        # the fake driver lives in tests/
 
-from bench import (autopilot_eval, device_cost, footprint, kicks, many_vms,  # noqa: E402
-                   qemu_side, realguest, serve, startup, throughput)
+from bench import (autopilot_eval, device_cost, footprint, keeper, kicks,  # noqa: E402
+                   many_vms, qemu_side, realguest, serve, startup, throughput)
 from bench.plot import write_plot  # noqa: E402
 from bench.results import Report  # noqa: E402
 from bench.system import GIB, MIB, Budget, cpu_pair, machine, machine_line, pinned  # noqa: E402
 
 SECTIONS = ("throughput", "startup", "footprint", "guest", "scaling", "kicks", "qemu", "cost",
-            "many", "autopilot")
+            "keeper", "many", "autopilot")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ class Plan:
     cost_qemu_rounds: int
     config_pairs: int
     operator_rounds: int
+    keeper_rounds: int
+    keeper_crashes: int
 
 
 FULL = Plan(budget=400, throughput_size=GIB, throughput_reps=5, activation_runs=30,
@@ -71,7 +73,8 @@ FULL = Plan(budget=400, throughput_size=GIB, throughput_reps=5, activation_runs=
             scaling_fixed=256 * MIB, scaling_full_limit=GIB, scaling_reps=5, kick_seconds=3.0,
             qemu_sizes=(256 * MIB, 512 * MIB), qemu_runs=7, many_counts=(1, 10, 100),
             many_idle=10.0, pilot_guests=4, pilot_seconds=60.0, cost_uml_rounds=7,
-            cost_qemu_rounds=5, config_pairs=20000, operator_rounds=7)
+            cost_qemu_rounds=5, config_pairs=20000, operator_rounds=7, keeper_rounds=3,
+            keeper_crashes=3)
 QUICK = Plan(budget=45, throughput_size=256 * MIB, throughput_reps=1, activation_runs=5,
              serve_runs=2, footprint_size=256 * MIB, guest_sizes=(64 * MIB, 256 * MIB),
              guest_runs=1, guest_mem_mib=512, guest_placements=("same",),
@@ -79,7 +82,7 @@ QUICK = Plan(budget=45, throughput_size=256 * MIB, throughput_reps=1, activation
              scaling_full_limit=256 * MIB, scaling_reps=1, kick_seconds=0.5,
              qemu_sizes=(256 * MIB,), qemu_runs=1, many_counts=(1, 10), many_idle=2.0,
              pilot_guests=2, pilot_seconds=20.0, cost_uml_rounds=1, cost_qemu_rounds=1,
-             config_pairs=2000, operator_rounds=1)
+             config_pairs=2000, operator_rounds=1, keeper_rounds=1, keeper_crashes=1)
 
 
 def log(message: str) -> None:
@@ -170,6 +173,8 @@ def run(plan: Plan, only: list[str], args: argparse.Namespace, argv: list[str] |
                                       plan.cost_qemu_rounds, Budget(plan.budget), log)
         device_cost.run_config_round_trips(report, device_cpu, plan.config_pairs, log)
         device_cost.run_operator_view(report, device_cpu, plan.operator_rounds, log)
+    if "keeper" in only:
+        keeper.run_keeper(report, {device_cpu}, plan.keeper_rounds, plan.keeper_crashes, log)
     if "many" in only:
         many_vms.run_many(report, list(plan.many_counts), {device_cpu},
                           {other_cpu, device_cpu}, plan.many_idle, log)
