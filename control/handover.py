@@ -192,18 +192,19 @@ def _request_key(event: vu.Request) -> str | None:
 
 
 BLOB_KINDS = ("spec", "pilot")   # kept per VM, without fds, beside its connection
-RING_BASE = object()
-_CONFIG = struct.Struct("<IIq")   # target, actual, poison_val (-1: not written)             # ``prepare``'s mark for a GET_VRING_BASE
+RING_BASE = object()             # ``prepare``'s mark for a GET_VRING_BASE
+_CONFIG = struct.Struct("<IIq")   # target, actual, poison_val (-1: not written)
 
 
 class VmRecord:
-    """What one VM's connection leaves with the keeper (keys ``conn/``, ``req/``, ``cfg/``
-    under the VM's name); ``spec/`` keeps a VM added at runtime."""
+    """What one VM's connection leaves with the keeper (keys ``conn/``, ``req/``, ``cfg/``,
+    ``inflight/`` under the VM's name)."""
 
     def __init__(self, store: Store, name: str) -> None:
         self.store = store
         self.name = name
         self._config: bytes | None = None
+        self._kicks: set[int] = set()       # rings whose kick request is kept
 
     def connected(self, conn: socket.socket) -> None:
         self.store.put(f"conn/{self.name}", fds=(conn.fileno(),))
@@ -214,6 +215,7 @@ class VmRecord:
         self.store.drop(f"inflight/{self.name}")
         self.store.drop_prefix(f"req/{self.name}/")
         self._config = None
+        self._kicks.clear()
 
     def prepare(self, event: vu.Request) -> tuple | None:
         """Before the session handles ``event``: its bytes and copies of its fds (the session
@@ -221,10 +223,11 @@ class VmRecord:
         disabling it) forgets its kick fd, so a successor does not start what was stopped."""
         if isinstance(event, (vu.ResetOwner, vu.ResetDevice)):
             self.store.drop_prefix(f"req/{self.name}/")
+            self._kicks.clear()
             return None
         if isinstance(event, vu.GetVringBase) or (isinstance(event, vu.SetVringEnable)
                                                   and not event.enable):
-            self.store.drop(f"req/{self.name}/SetVringKick/{event.index}")
+            self.rings_stopped([event.index])
         if isinstance(event, vu.GetVringBase):
             return RING_BASE, event.index, ()
         key = _request_key(event)
@@ -245,9 +248,24 @@ class VmRecord:
             return
         if ok:
             self.store.put(f"req/{self.name}/{key}", data, fds, owned=True)
+            if key.startswith("SetVringKick/"):
+                self._kicks.add(int(key.rsplit("/", 1)[1]))
         else:
             for fd in fds:
                 os.close(fd)
+
+    def adopted(self, adoption: "Adoption") -> None:
+        """This connection was adopted: what the keeper holds for it is what it kept."""
+        self._kicks = set(adoption.kicks)
+
+    def rings_stopped(self, indices: list[int]) -> None:
+        """These rings are not served (stopped, or never started): forget their kick
+        requests, so a successor starts only what was running. A ring starts again only
+        with a new kick request (as in the session), which is kept anew."""
+        for index in indices:
+            if index in self._kicks:
+                self._kicks.discard(index)
+                self.store.drop(f"req/{self.name}/SetVringKick/{index}")
 
     def in_flight(self, data: bytes, fds: list[int]) -> None:
         """A request (with fds) read and not yet answered: a successor answers it."""
@@ -273,6 +291,7 @@ class Adoption:
     actual: int = 0
     poison: int | None = None
     in_flight: tuple[bytes, list[int]] | None = None   # read, never answered: answer it
+    kicks: set[int] = dataclasses.field(default_factory=set)   # rings whose kick is kept
 
 
 def adoptions(entries: dict[str, tuple[bytes, list[int]]]
@@ -295,6 +314,9 @@ def adoptions(entries: dict[str, tuple[bytes, list[int]]]
         name = rest.split("/", 1)[0]
         if kind == "req" and name in adopted:
             adopted[name].requests.append((blob, fds))
+            kind_index = rest.split("/")[1:]
+            if len(kind_index) == 2 and kind_index[0] == "SetVringKick" and kind_index[1].isdigit():
+                adopted[name].kicks.add(int(kind_index[1]))
         elif kind == "inflight" and name in adopted:
             adopted[name].in_flight = (blob, fds)
         elif kind == "cfg" and name in adopted:

@@ -36,7 +36,8 @@ from control import vhost_user as vu
 from control.logs import VmLog
 from control.loop import EventLoop
 from control.handover import VmRecord
-from control.vhost_backend import MAX_QUEUES, PENDING, FrontendGone, VhostUserSession
+from control.vhost_backend import (MAX_QUEUES, PENDING, READY, STARTED, FrontendGone,
+                                   VhostUserSession)
 from control.vmdevice import VmDevice
 from device.tokens import TokenBucket
 
@@ -256,8 +257,13 @@ class VhostUserPeer:
 
     def _commit(self, prepared: tuple, failures: int) -> None:
         index = prepared[1]
-        base = self.session.state.vrings[index].base if isinstance(index, int) else None
+        vrings = self.session.state.vrings
+        base = vrings[index].base if isinstance(index, int) else None
         self.record.commit(prepared, self.session.failures == failures, base)
+        # A setup request may have stopped rings (a driver probing again sends SET_FEATURES
+        # alone): what is kept follows the session, never more than it serves.
+        self.record.rings_stopped([i for i, ring in enumerate(vrings)
+                                   if ring.state not in (READY, STARTED)])
 
     def adopt(self, requests: list[tuple[bytes, list[int]]],
               in_flight: tuple[bytes, list[int]] | None,

@@ -26,7 +26,7 @@ from control.supervisor import ProxyOptions
 from control.vhost_peer import VhostUserPeer
 from control.vmdevice import VmDevice
 from device.balloon import BalloonOptions
-from device.config import ACTUAL_OFFSET, POISON_VAL_OFFSET
+from device.config import POISON_VAL_OFFSET
 from device.errors import DeviceError
 
 log = logging.getLogger("vballoon.serve")
@@ -176,6 +176,8 @@ class Vm:
                  self.name, len(adoption.requests))
         peer = self._serve(adoption.conn)
         device = peer.device
+        if self.record is not None:
+            self.record.adopted(adoption)
 
         def started(error: BaseException | None) -> None:
             if error is not None:
@@ -183,17 +185,16 @@ class Vm:
             else:
                 log.info("vm %s: serving the adopted connection again", self.name)
                 serving()
-        peer.adopt(adoption.requests, adoption.in_flight, started)
-        if peer.closed:
-            return
+        # The config first: the request in flight may be the guest reading it. (Set as it
+        # was, not as a change: the guest already knows this target.)
         try:
+            device.config.num_pages = adoption.target
+            device.config.actual = adoption.actual
             if adoption.poison is not None:
                 device.write_config(POISON_VAL_OFFSET, adoption.poison.to_bytes(4, "little"))
-            device.write_config(ACTUAL_OFFSET, adoption.actual.to_bytes(4, "little"))
-            device.set_target_pages(adoption.target)
-        except (RequestError, DeviceError, OverflowError, AttributeError) as exc:
-            log.error("vm %s: the kept target and actual do not apply (%s): starting from "
-                      "zero", self.name, exc)
+        except (DeviceError, OverflowError) as exc:
+            log.error("vm %s: the kept poison value does not apply (%s)", self.name, exc)
+        peer.adopt(adoption.requests, adoption.in_flight, started)
 
     def _closed(self, why: str) -> None:
         device = self.frontend.device

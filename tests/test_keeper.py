@@ -60,7 +60,7 @@ class KeptServe:
              "--control", self.ctl], cwd=ROOT, stderr=self.log)
         wait_for(lambda: _status(self.ctl) is not None, timeout=10, what="serve")
         self.frontend = Frontend(self.vhost)
-        features = BalloonOptions().features()
+        features = self.features = BalloonOptions().features()
         self.driver = BalloonDriver(ram, queue_layout(features), features,
                                     write_config=self.frontend.write_config)
         self.frontend.setup(ram, self.driver, features)
@@ -182,6 +182,29 @@ def test_a_stopped_ring_is_not_started_again_by_the_successor(kept, ram):
     assert status["connected"] and status["worker_pid"] is None and status["state"] == "idle"
     assert [kept.frontend.call(vu.GetVringBase(index)).num
             for index in range(len(kept.driver.queues))] == bases
+
+
+@pytest.mark.parametrize("how", ["GetVringBase", "SetFeatures"])
+def test_rings_stopped_after_an_adoption_are_not_started_by_the_next_successor(kept, how):
+    """An adopted session's rings are stopped (GET_VRING_BASE; or a driver probing again,
+    which UML shows only by a new SET_FEATURES), then serve dies again: the next successor
+    starts nothing, since the driver may be reusing the rings' memory."""
+    kept.crash()
+    if how == "GetVringBase":
+        for index in range(len(kept.driver.queues)):
+            kept.frontend.call(vu.GetVringBase(index))
+    else:
+        assert kept.frontend.ack(vu.SetFeatures(
+            kept.features | 1 << vu.VHOST_USER_F_PROTOCOL_FEATURES, need_reply=True))
+    wait_for(lambda: _status(kept.ctl)["state"] == "idle", what="the device stopped")
+    old = kept.serve_pid()
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: _children(kept.keeper.pid) not in ([], [old]), timeout=10,
+             what="a new serve")
+    wait_for(lambda: _status(kept.ctl) is not None, timeout=10, what="the new serve")
+    time.sleep(0.5)
+    status = _status(kept.ctl)
+    assert status["connected"] and status["worker_pid"] is None and status["state"] == "idle"
 
 
 CRASH_MID_REQUEST = """
