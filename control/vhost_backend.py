@@ -175,7 +175,32 @@ class VhostUserSession:
 
     def _step(self, handler: Handler, event: vu.Request, conn: vu.BackendConnection,
               value: Any) -> bytes | None | object:
-        """Run ``handler`` until it finishes (its reply) or waits (``PENDING``)."""
+        """Run ``handler`` until it finishes (its reply) or waits (``PENDING``; the reply
+        then goes to ``on_reply``)."""
+        inline: list = []                    # the reply, when it came at once
+        waits: list = []                     # non-empty once the handler waited
+
+        def finished(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                self.log.warning("vhost-user %s failed: %s", type(event).__name__, error)
+                reply = self._fail(event, conn)
+            else:
+                reply = self._done(result, event, conn)
+            if waits:
+                self.on_reply(reply)
+            else:
+                inline.append(reply)
+        if self._drive(handler, value, finished):
+            waits.append(True)
+            return PENDING
+        return inline[0]
+
+    def _drive(self, handler: Handler, value: Any,
+               finished: Callable[[Any, BaseException | None], None]) -> bool:
+        """Run ``handler`` (each operation it yields is called with a ``resume`` callback)
+        until it returns or fails, then ``finished(result, error)``. True if it waits for
+        an operation (``busy`` until it is done; nothing is told if the session closes
+        meanwhile)."""
         while True:
             try:
                 if isinstance(value, BaseException):
@@ -183,10 +208,11 @@ class VhostUserSession:
                 else:
                     operation = handler.send(value)
             except StopIteration as stop:
-                return self._done(stop.value, event, conn)
+                finished(stop.value, None)
+                return False
             except (ControlError, DeviceError, OSError) as exc:
-                self.log.warning("vhost-user %s failed: %s", type(event).__name__, exc)
-                return self._fail(event, conn)
+                finished(None, exc)
+                return False
             outcome: list = []
             waiting = [False]
 
@@ -199,16 +225,14 @@ class VhostUserSession:
                     handler.close()                  # the connection is gone: nobody to tell
                     return
                 try:
-                    reply = self._step(handler, event, conn, result)
-                    if reply is not PENDING:
-                        self.on_reply(reply)
+                    self._drive(handler, result, finished)
                 except Exception as exc:     # this session's failure domain: see server
                     self.on_error(exc)
             operation(resume)
             if not outcome:
                 waiting[0] = True
                 self.busy = True
-                return PENDING
+                return True
             value = outcome[0]
 
     def _dispatch(self, event: vu.Request, conn: vu.BackendConnection) -> Any:
@@ -490,42 +514,7 @@ class VhostUserSession:
         self.adopting = False
         for ring in self.state.vrings:
             ring.resume = True
-        self.busy = True
-        handler = self._maybe_activate()
-
-        def step(value: Any = None) -> None:
-            while True:
-                try:
-                    if isinstance(value, BaseException):
-                        operation = handler.throw(value)
-                    else:
-                        operation = handler.send(value)
-                except StopIteration:
-                    outcome = None
-                except (ControlError, DeviceError, OSError) as exc:
-                    outcome = exc
-                else:
-                    box: list = []
-                    waiting = [False]
-
-                    def resume(result: Any = None) -> None:
-                        if waiting[0]:
-                            step(result)
-                        else:
-                            box.append(result)
-                    operation(resume)
-                    if not box:
-                        waiting[0] = True
-                        return
-                    value = box[0]
-                    continue
-                self.busy = False
-                if self.closed:
-                    handler.close()
-                    return
-                done(outcome)
-                return
-        step()
+        self._drive(self._maybe_activate(), None, lambda result, error: done(error))
 
     def _maybe_activate(self) -> Handler:
         if self.adopting:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -67,3 +72,29 @@ def stop_rig(rig: Rig) -> None:
 
 def half_guest(rig: Rig) -> int:
     return rig.control.request("status")["guest_memory_bytes"] // 2 // MIB * MIB
+
+
+@contextlib.contextmanager
+def kept_serve(vhost, ctl) -> Iterator[subprocess.Popen]:
+    """``vballoon serve --keeper`` on ``vhost`` and ``ctl`` in a session of its own; stopped
+    with SIGTERM at the end (its whole group killed if it does not stop)."""
+    keeper = subprocess.Popen([sys.executable, "-m", "control.cli", "serve", "--keeper",
+                               "--socket", str(vhost), "--control", str(ctl),
+                               "--log-level", "warning"], start_new_session=True)
+    try:
+        yield keeper
+    finally:
+        if keeper.poll() is None:
+            keeper.send_signal(signal.SIGTERM)
+            try:
+                keeper.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(keeper.pid, signal.SIGKILL)
+                keeper.wait(10)
+
+
+def kill_kept_serve(keeper: subprocess.Popen) -> None:
+    """SIGKILL the serve a keeper runs (its zygote and workers die with it)."""
+    with open(f"/proc/{keeper.pid}/task/{keeper.pid}/children") as f:
+        (serve,) = map(int, f.read().split())
+    os.kill(serve, signal.SIGKILL)

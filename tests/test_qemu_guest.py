@@ -209,50 +209,37 @@ def test_with_the_keeper_a_serve_crash_costs_the_guest_nothing(tmp_path):
     """``serve --keeper`` under QEMU, which never reconnects by itself: SIGKILL to serve with
     128 MiB in the balloon. The keeper holds QEMU's connection, so QEMU never sees it drop;
     the new serve adopts it and the balloon deflates and inflates again."""
-    import subprocess
-    import sys
+    from tests.guest_rig import kept_serve, kill_kept_serve
     from tests.test_real_guest import _answers, _state
     vhost, ctl = tmp_path / "v.sock", tmp_path / "c.sock"
-    keeper = subprocess.Popen([sys.executable, "-m", "control.cli", "serve", "--keeper",
-                               "--socket", str(vhost), "--control", str(ctl),
-                               "--log-level", "warning"], start_new_session=True)
     guest = QemuGuest(QemuConfig(mem_mib=GUEST_MIB, vhost_socket=str(vhost), num_vqs=3,
                                  config_size=8))
-    try:
-        wait_for(lambda: _answers(ctl), what="serve")
-        guest.start()
-        guest.wait_ready()
-        with ControlClient(str(ctl)) as client:
-            wait_for(lambda: client.request("status")["state"] == "active", timeout=30,
-                     what="activation")
-            guest.fill_memory(300)
-            guest.free_memory()
-            client.request("set", size=128 * MIB)
-            assert client.request("wait", timeout=60.0, stall=15.0)["outcome"] == "settled"
-        freed = guest.ram_file_size() - guest.host_ram_bytes()
-        assert freed >= 120 * MIB
-        with open(f"/proc/{keeper.pid}/task/{keeper.pid}/children") as f:
-            (serve,) = map(int, f.read().split())
-        os.kill(serve, signal.SIGKILL)
-        wait_for(lambda: _answers(ctl) and _state(ctl) == ("active", True), timeout=30,
-                 what="the new serve serving the adopted connection")
-        with ControlClient(str(ctl)) as client:
-            status = client.request("status")
-            assert (status["target_bytes"], status["actual_bytes"]) == (128 * MIB, 128 * MIB)
+    with kept_serve(vhost, ctl) as keeper:
+        try:
+            wait_for(lambda: _answers(ctl), what="serve")
+            guest.start()
+            guest.wait_ready()
+            with ControlClient(str(ctl)) as client:
+                wait_for(lambda: client.request("status")["state"] == "active", timeout=30,
+                         what="activation")
+                guest.fill_memory(300)
+                guest.free_memory()
+                client.request("set", size=128 * MIB)
+                assert client.request("wait", timeout=60.0, stall=15.0)["outcome"] == "settled"
             assert guest.ram_file_size() - guest.host_ram_bytes() >= 120 * MIB
-            client.request("set", size=0)
-            assert client.request("wait", timeout=60.0, stall=15.0)["outcome"] == "settled"
-            guest.fill_memory(300)
-            guest.free_memory()
-            client.request("set", size=64 * MIB)
-            assert client.request("wait", timeout=60.0, stall=15.0)["outcome"] == "settled"
-        assert guest.run("echo alive").strip() == "alive"
-    finally:
-        guest.stop()
-        if keeper.poll() is None:
-            keeper.send_signal(signal.SIGTERM)
-            try:
-                keeper.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(keeper.pid, signal.SIGKILL)
-                keeper.wait(10)
+            kill_kept_serve(keeper)
+            wait_for(lambda: _answers(ctl) and _state(ctl) == ("active", True), timeout=30,
+                     what="the new serve serving the adopted connection")
+            with ControlClient(str(ctl)) as client:
+                status = client.request("status")
+                assert (status["target_bytes"], status["actual_bytes"]) == (128 * MIB, 128 * MIB)
+                assert guest.ram_file_size() - guest.host_ram_bytes() >= 120 * MIB
+                client.request("set", size=0)
+                assert client.request("wait", timeout=60.0, stall=15.0)["outcome"] == "settled"
+                guest.fill_memory(300)
+                guest.free_memory()
+                client.request("set", size=64 * MIB)
+                assert client.request("wait", timeout=60.0, stall=15.0)["outcome"] == "settled"
+            assert guest.run("echo alive").strip() == "alive"
+        finally:
+            guest.stop()

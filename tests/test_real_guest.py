@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from device.balloon import BalloonOptions
 from guest.uml import GuestConfig, UmlGuest
 from tests.driver import MIB, wait_for
-from tests.guest_rig import GUEST_MIB, JAIL, half_guest, needs_guest, start_rig, stop_rig
+from tests.guest_rig import (GUEST_MIB, JAIL, half_guest, kept_serve, kill_kept_serve,
+                             needs_guest, start_rig, stop_rig)
 
 pytestmark = needs_guest
 
@@ -199,9 +202,7 @@ def _status(pid: int) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
-def _serve(vhost, ctl) -> "subprocess.Popen":
-    import subprocess
-    import sys
+def _serve(vhost, ctl) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "control.cli", "serve", "--socket", str(vhost),
                              "--control", str(ctl), "--log-level", "warning"],
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -221,15 +222,7 @@ def test_a_serve_crash_costs_the_guest_its_balloon_never_a_page_and_a_new_serve_
     second = None
     try:
         wait_for(lambda: ctl.exists(), what="serve's control socket")
-        guest.start()
-        guest.wait_ready()
-        guest.fill_memory(180)
-        guest.free_memory()
-        with ControlClient(str(ctl)) as client:
-            wait_for(lambda: client.request("status")["state"] == "active", what="activation")
-            total_before = guest.meminfo()["MemTotal"]
-            client.request("set", size=64 * MIB)
-            assert client.request("wait", timeout=30.0, stall=5.0)["outcome"] == "settled"
+        total_before, _ = _boot_and_balloon(guest, ctl, 64 * MIB)
         host_ballooned = guest.host_ram_bytes()
         assert "virtio" in guest.run("ls /sys/bus/virtio/devices/")
         os.killpg(server.pid, signal.SIGKILL)
@@ -268,6 +261,22 @@ def test_a_serve_crash_costs_the_guest_its_balloon_never_a_page_and_a_new_serve_
                 proc.wait(10)
 
 
+def _boot_and_balloon(guest: UmlGuest, ctl, size: int) -> tuple[int, int]:
+    """Boot ``guest``, dirty and free most of its memory, inflate ``size`` through the
+    serve on ``ctl``; its MemTotal (KiB) before, and the worker's pid."""
+    from control.client import ControlClient
+    guest.start()
+    guest.wait_ready()
+    guest.fill_memory(180)
+    guest.free_memory()
+    with ControlClient(str(ctl)) as client:
+        wait_for(lambda: client.request("status")["state"] == "active", what="activation")
+        total = guest.meminfo()["MemTotal"]
+        client.request("set", size=size)
+        assert client.request("wait", timeout=30.0, stall=5.0)["outcome"] == "settled"
+        return total, client.request("status")["worker_pid"]
+
+
 def _answers(ctl) -> bool:
     from control.client import ControlClient
     from control.errors import ControlError
@@ -284,58 +293,36 @@ def test_with_the_keeper_a_serve_crash_costs_the_guest_nothing(tmp_path):
     the balloon. The keeper holds UML's connection; the new serve adopts it. The guest keeps
     its device and its balloon (MemTotal unchanged, the host memory still free), and the
     balloon deflates and inflates again through the new serve."""
-    import subprocess
-    import sys
     from control.client import ControlClient
     vhost, ctl = tmp_path / "v.sock", tmp_path / "c.sock"
-    keeper = subprocess.Popen([sys.executable, "-m", "control.cli", "serve", "--keeper",
-                               "--socket", str(vhost), "--control", str(ctl),
-                               "--log-level", "warning"], start_new_session=True)
     guest = UmlGuest(GuestConfig(mem_mib=GUEST_MIB, vhost_socket=str(vhost)))
-    try:
-        wait_for(lambda: _answers(ctl), what="serve")
-        guest.start()
-        guest.wait_ready()
-        guest.fill_memory(180)
-        guest.free_memory()
-        with ControlClient(str(ctl)) as client:
-            wait_for(lambda: client.request("status")["state"] == "active", what="activation")
-            total = guest.meminfo()["MemTotal"]
-            client.request("set", size=64 * MIB)
-            assert client.request("wait", timeout=30.0, stall=5.0)["outcome"] == "settled"
-            worker = client.request("status")["worker_pid"]
-        ram_size = guest.ram_files()[0].size
-        assert guest.host_ram_bytes() <= ram_size - 60 * MIB
-        with open(f"/proc/{keeper.pid}/task/{keeper.pid}/children") as f:
-            (serve,) = map(int, f.read().split())
-        os.kill(serve, signal.SIGKILL)
-        wait_for(lambda: _answers(ctl) and _state(ctl) == ("active", True), timeout=20,
-                 what="the new serve serving the adopted connection")
-        with ControlClient(str(ctl)) as client:
-            status = client.request("status")
-        assert status["worker_pid"] != worker
-        assert (status["target_bytes"], status["actual_bytes"]) == (64 * MIB, 64 * MIB)
-        assert "virtio" in guest.run("ls /sys/bus/virtio/devices/")      # the device is there
-        assert guest.meminfo()["MemTotal"] <= total - 60 * 1024           # the balloon too
-        assert guest.host_ram_bytes() <= ram_size - 60 * MIB
-        with ControlClient(str(ctl)) as client:
-            client.request("set", size=0)                                 # it deflates ...
-            assert client.request("wait", timeout=30.0, stall=5.0)["outcome"] == "settled"
-            assert guest.meminfo()["MemTotal"] >= total - 1024
-            guest.fill_memory(150)                                        # ... the guest uses it
-            guest.free_memory()
-            client.request("set", size=48 * MIB)                          # ... and inflates
-            assert client.request("wait", timeout=30.0, stall=5.0)["outcome"] == "settled"
-        assert guest.meminfo()["MemTotal"] <= total - 44 * 1024
-    finally:
-        guest.stop()
-        if keeper.poll() is None:
-            keeper.send_signal(signal.SIGTERM)
-            try:
-                keeper.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(keeper.pid, signal.SIGKILL)
-                keeper.wait(10)
+    with kept_serve(vhost, ctl) as keeper:
+        try:
+            wait_for(lambda: _answers(ctl), what="serve")
+            total, worker = _boot_and_balloon(guest, ctl, 64 * MIB)
+            ram_size = guest.ram_files()[0].size
+            assert guest.host_ram_bytes() <= ram_size - 60 * MIB
+            kill_kept_serve(keeper)
+            wait_for(lambda: _answers(ctl) and _state(ctl) == ("active", True), timeout=20,
+                     what="the new serve serving the adopted connection")
+            with ControlClient(str(ctl)) as client:
+                status = client.request("status")
+            assert status["worker_pid"] != worker
+            assert (status["target_bytes"], status["actual_bytes"]) == (64 * MIB, 64 * MIB)
+            assert "virtio" in guest.run("ls /sys/bus/virtio/devices/")  # the device is there
+            assert guest.meminfo()["MemTotal"] <= total - 60 * 1024       # the balloon too
+            assert guest.host_ram_bytes() <= ram_size - 60 * MIB
+            with ControlClient(str(ctl)) as client:
+                client.request("set", size=0)                             # it deflates ...
+                assert client.request("wait", timeout=30.0, stall=5.0)["outcome"] == "settled"
+                assert guest.meminfo()["MemTotal"] >= total - 1024
+                guest.fill_memory(150)                                    # ... the guest uses it
+                guest.free_memory()
+                client.request("set", size=48 * MIB)                      # ... and inflates
+                assert client.request("wait", timeout=30.0, stall=5.0)["outcome"] == "settled"
+            assert guest.meminfo()["MemTotal"] <= total - 44 * 1024
+        finally:
+            guest.stop()
 
 
 def _state(ctl) -> tuple[str, bool]:
