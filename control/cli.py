@@ -230,9 +230,9 @@ def _serve(args: argparse.Namespace) -> int:
         if args.keeper:
             from control.keeper import CONFIG_ERROR, Keeper
 
-            def child(store) -> int:
+            def child(link) -> int:
                 try:
-                    serve(options, store)
+                    serve(options, link)
                 except (RequestError, ValueError) as exc:
                     print(f"vballoon serve: {exc}", file=sys.stderr)
                     return CONFIG_ERROR

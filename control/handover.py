@@ -23,6 +23,7 @@ import array
 import collections
 import dataclasses
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -37,8 +38,23 @@ log = logging.getLogger("vballoon.handover")
 MAX_RECORD = 64 * 1024          # bytes of one record (a request's bytes, a config blob)
 MAX_FDS = 8                     # fds of one record (a memory table carries up to 8)
 MAX_QUEUED = 4096               # records waiting for the keeper to read them
+SEND_BUFFER = 4 << 20           # bytes of records the socket holds for the keeper
 HANDOVER_TIMEOUT = 10.0         # seconds a new serve waits for the keeper's entries
 _ANCILLARY = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+
+
+@dataclasses.dataclass
+class Link:
+    """serve's end of its keeper: the record socket, and one byte of memory shared with
+    the keeper that serve sets when it gives up on it (a memory write, so it is there
+    whatever happens next: the keeper then never hands the records on)."""
+
+    sock: socket.socket
+    flag: mmap.mmap
+
+    @property
+    def gave_up(self) -> bool:
+        return self.flag[0] != 0
 
 
 def send_record(sock: socket.socket, op: str, key: str, blob: bytes = b"",
@@ -81,11 +97,38 @@ class Store:
     writable, False when the queue is empty again (the server then watches the socket).
     """
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self, link: Link) -> None:
+        self.sock = link.sock
+        self.flag = link.flag
+        try:
+            self.flag.madvise(mmap.MADV_DONTFORK)   # no worker or zygote gets the flag
+        except (AttributeError, OSError):
+            pass
         self.queue: collections.deque[tuple[str, str, bytes, tuple[int, ...]]] = collections.deque()
         self.gone = False
         self.watch = lambda writable: None
+        self._flushed: list = []              # called once the queue is empty
+        # Room for bursts (a record per MiB per guest inflating) between the keeper's looks.
+        for option in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
+            try:
+                if option is not None:
+                    self.sock.setsockopt(socket.SOL_SOCKET, option, SEND_BUFFER)
+                    break
+            except OSError:
+                continue
+
+    @property
+    def flushed(self) -> bool:
+        """Everything put so far is with the keeper (or there is no keeper any more)."""
+        return not self.queue
+
+    def when_flushed(self, callback) -> None:
+        """Call ``callback`` once every record put so far is with the keeper (at once if
+        it is): a reply that tells the front-end something is held until then."""
+        if not self.queue:
+            callback()
+        else:
+            self._flushed.append(callback)
 
     def load(self) -> dict[str, tuple[bytes, list[int]]]:
         """The keeper's entries, at start-up (before the loop runs: bounded by
@@ -155,17 +198,30 @@ class Store:
             for fd in fds:
                 os.close(fd)
         self.watch(False)
+        self._run_flushed()
+
+    def _run_flushed(self) -> None:
+        callbacks, self._flushed = self._flushed, []
+        for callback in callbacks:
+            callback()
+
+    def give_up(self, why: str) -> None:
+        if not self.gone:
+            self._lose(why)
 
     def _lose(self, why: str) -> None:
-        """Give up on the keeper, and tell it so by closing the socket: it then forgets all
-        it holds (a successor must never adopt a session that went on without it)."""
+        """Give up on the keeper: set the shared flag first (it then forgets all it holds
+        whatever happens next: a successor must never adopt a session that went on
+        without it), then close the socket."""
         log.error("%s: a crash of this serve will now cost the guests their balloons", why)
+        self.flag[0] = 1
         self.gone = True
         while self.queue:
             for fd in self.queue.popleft()[3]:
                 os.close(fd)
         self.watch(False)
         self.sock.close()
+        self._run_flushed()
 
 
 
@@ -205,9 +261,19 @@ class VmRecord:
         self.name = name
         self._config: bytes | None = None
         self._kicks: set[int] = set()       # rings whose kick request is kept
+        self.abandoned = False              # keep nothing more (see give_up)
 
     def connected(self, conn: socket.socket) -> None:
+        self.abandoned = False
         self.store.put(f"conn/{self.name}", fds=(conn.fileno(),))
+
+    def give_up(self, why: str) -> None:
+        """Something could not be kept: keep nothing more for this connection (a crash then
+        costs it its balloon, as without a keeper, never a stale adoption)."""
+        log.error("vm %s: %s: a crash of serve will now cost this guest its balloon",
+                  self.name, why)
+        self.disconnected()
+        self.abandoned = True
 
     def disconnected(self) -> None:
         self.store.drop(f"conn/{self.name}")
@@ -219,15 +285,22 @@ class VmRecord:
 
     def prepare(self, event: vu.Request) -> tuple | None:
         """Before the session handles ``event``: its bytes and copies of its fds (the session
-        may close its own), or None if it is not kept. Stopping a ring (GET_VRING_BASE, or
-        disabling it) forgets its kick fd, so a successor does not start what was stopped."""
+        may close its own), or None if it is not kept.
+
+        A ring that a request stops is forgotten once the request is handled (``commit``,
+        then ``rings_stopped``), not before: the front-end waits for the reply before it
+        lets the ring's memory go, so a successor may start the ring again and then stop it
+        properly when it answers the request. The exception is SET_FEATURES while the rings
+        run, which to UML means its driver probes again: the old driver is gone and its
+        rings' memory may already be reused, so they are forgotten at once."""
+        if self.abandoned:
+            return None
         if isinstance(event, (vu.ResetOwner, vu.ResetDevice)):
             self.store.drop_prefix(f"req/{self.name}/")
             self._kicks.clear()
             return None
-        if isinstance(event, vu.GetVringBase) or (isinstance(event, vu.SetVringEnable)
-                                                  and not event.enable):
-            self.rings_stopped([event.index])
+        if isinstance(event, vu.SetFeatures):
+            self.rings_stopped([(index, None) for index in list(self._kicks)])
         if isinstance(event, vu.GetVringBase):
             return RING_BASE, event.index, ()
         key = _request_key(event)
@@ -241,6 +314,10 @@ class VmRecord:
         For GET_VRING_BASE, ``base`` is the index the front-end was told: kept as the
         ring's base, which a successor answers if asked again."""
         key, data, fds = prepared
+        if self.abandoned:
+            for fd in fds:
+                os.close(fd)
+            return
         if key is RING_BASE:
             if ok and base is not None:
                 request = vu.FrontendConnection().send(vu.SetVringBase(data, base))[0]
@@ -258,17 +335,26 @@ class VmRecord:
         """This connection was adopted: what the keeper holds for it is what it kept."""
         self._kicks = set(adoption.kicks)
 
-    def rings_stopped(self, indices: list[int]) -> None:
-        """These rings are not served (stopped, or never started): forget their kick
-        requests, so a successor starts only what was running. A ring starts again only
-        with a new kick request (as in the session), which is kept anew."""
-        for index in indices:
+    def rings_stopped(self, rings: list[tuple[int, int | None]]) -> None:
+        """These rings ``(index, base)`` are not served (stopped, or never started): forget
+        the kick requests of those that ran, so a successor starts only what is running,
+        and keep where each stopped (``base``, the used index the stop read): a successor
+        asked GET_VRING_BASE answers that, not the base the ring was set up with. A ring
+        starts again only with a new kick request (as in the session), kept anew."""
+        if self.abandoned:
+            return
+        for index, base in rings:
             if index in self._kicks:
                 self._kicks.discard(index)
                 self.store.drop(f"req/{self.name}/SetVringKick/{index}")
+                if base is not None:
+                    request = vu.FrontendConnection().send(vu.SetVringBase(index, base))[0]
+                    self.store.put(f"req/{self.name}/SetVringBase/{index}", request)
 
     def in_flight(self, data: bytes, fds: list[int]) -> None:
         """A request (with fds) read and not yet answered: a successor answers it."""
+        if self.abandoned:
+            return
         self.store.put(f"inflight/{self.name}", data, tuple(fds))
 
     def answered(self) -> None:
@@ -276,7 +362,7 @@ class VmRecord:
 
     def config(self, target: int, actual: int, poison: int | None) -> None:
         blob = _CONFIG.pack(target, actual, -1 if poison is None else poison)
-        if blob != self._config:
+        if blob != self._config and not self.abandoned:
             self._config = blob
             self.store.put(f"cfg/{self.name}", blob)
 

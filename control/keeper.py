@@ -17,6 +17,7 @@ threads and waits only in ``select`` on the handover socket and the child's pidf
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import select
 import signal
@@ -26,16 +27,16 @@ from collections.abc import Callable
 
 import prctl
 
-from control.handover import recv_record, send_record
+from control.handover import Link, recv_record, send_record
 
 log = logging.getLogger("vballoon.keeper")
 
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 MAX_ENTRIES = 65536               # keys held (each VM: ~25 + its connection)
-GIVE_UP_GRACE = 1.0               # serve alive this long after closing its end: it gave up
 ORPHAN_GRACE = 2.0                # seconds a dead serve's processes get to end by themselves
-BATCH = 0.02                      # seconds between looks at serve's records
+BATCH = 0.02                      # seconds between looks at serve's records ...
+BUSY = 32                         # ... unless the last look found this many (read on at once)
 CONFIG_ERROR = 2                  # serve's exit status for a refused configuration: not retried
 
 
@@ -48,7 +49,7 @@ def _children(pid: int) -> list[int]:
 
 
 class Keeper:
-    def __init__(self, serve: Callable[[socket.socket], int]) -> None:
+    def __init__(self, serve: Callable[[Link], int]) -> None:
         self.serve = serve                     # runs in the child; returns its exit status
         self.entries: dict[str, tuple[bytes, list[int]]] = {}
         self.restarts: list[float] = []
@@ -57,6 +58,8 @@ class Keeper:
         self.sock: socket.socket | None = None
         self.stopping = False
         self.eof = False                       # serve closed its end (it is exiting)
+        self.flag: mmap.mmap | None = None     # set by serve when it gives up on us
+        self.poisoned = False                  # a record was lost: nothing is kept any more
 
     # -- the entries ---------------------------------------------------------------------------
 
@@ -92,6 +95,8 @@ class Keeper:
 
     def _start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.flag = mmap.mmap(-1, mmap.PAGESIZE)           # shared with the child
+        self.poisoned = False
         pid = os.fork()
         if pid == 0:                                       # the new serve
             status = 1
@@ -102,7 +107,7 @@ class Keeper:
                 self.entries.clear()
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                status = self.serve(theirs)
+                status = self.serve(Link(theirs, self.flag))
             except BaseException:
                 log.exception("serve failed")
             finally:
@@ -131,6 +136,8 @@ class Keeper:
         self._drain()                 # what it left before it died still counts
         self.sock.close()
         self.sock = None
+        self.flag.close()
+        self.flag = None
         self._reap_orphans()
         return status
 
@@ -162,33 +169,37 @@ class Keeper:
                 deadline = time.monotonic() + ORPHAN_GRACE
             time.sleep(0.005)
 
-    def _drain(self) -> None:
+    def _drain(self) -> int:
+        """Apply what serve sent; how many records."""
+        count = 0
         while True:
             try:
                 record = recv_record(self.sock)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except ValueError as exc:
-                log.warning("%s: ignored", exc)
+                # A record lost (out of fds, truncated): what we hold may now be stale, and a
+                # successor must never adopt a stale session. Keep nothing from this serve.
+                self._poison(f"{exc}")
                 continue
             except OSError:
-                return
+                break
             if record is None:
-                if not self.eof:
-                    self.eof = True
-                    self._closed_by_serve()
-                return
-            self.apply(*record)
+                self.eof = True
+                break
+            count += 1
+            if self.poisoned:
+                self._close(record[3])
+            else:
+                self.apply(*record)
+        if self.flag is not None and self.flag[0] and not self.poisoned:
+            self._poison("serve gave up on its keeper")
+        return count
 
-    def _closed_by_serve(self) -> None:
-        """serve's end of the socket closed: it died (its files close just before its
-        pidfd says so), or it is alive and gave up on us because we did not read. Then what
-        we hold is no longer kept up to date, and a successor must never adopt a stale
-        session: forget it all."""
-        if self.pidfd < 0 or select.select([self.pidfd], [], [], GIVE_UP_GRACE)[0]:
-            return                                      # it died: the main loop reaps it
-        log.error("serve gave up on its keeper: forgetting %d entries (a crash of this serve "
-                  "now costs the guests their balloons)", len(self.entries))
+    def _poison(self, why: str) -> None:
+        log.error("%s: forgetting %d entries (a crash of this serve now costs the guests "
+                  "their balloons)", why, len(self.entries))
+        self.poisoned = True
         for key in list(self.entries):
             self._forget(key)
 
@@ -214,12 +225,11 @@ class Keeper:
                                                 [self.sock, self.pidfd], [], [])
                 except InterruptedError:
                     continue
-                if self.sock in ready:
-                    self._drain()
+                if self.sock in ready and self._drain() < BUSY:
                     # Records wait in the socket (serve's queue behind it) until the next
                     # look: one wake-up per BATCH s, not per record (serve sends one per MiB
-                    # a guest inflates). A successor still gets every record: the socket is
-                    # drained before it starts.
+                    # a guest inflates); under load, read on. A successor still gets every
+                    # record: the socket is drained before it starts.
                     time.sleep(BATCH)
                 if self.pidfd not in ready:
                     continue

@@ -40,7 +40,7 @@ from control.spawner import SPAWNER, Job
 from control.zygote import ZYGOTE
 from control.errors import RequestError
 from control.jailed import load_policy
-from control.handover import Store, VmRecord, adoptions
+from control.handover import Link, Store, VmRecord, adoptions
 from control.loop import EventLoop, Timer
 from control.supervisor import ProxyOptions
 from control.vhost_backend import VhostUserSession
@@ -144,16 +144,16 @@ class Server:
                 self.add_vm(spec)
             for name, blob in kept_blobs["spec"].items():
                 spec = self._kept_spec(name, blob)
-                if spec is not None:
-                    self.add_vm(spec, keep=True)
+                try:
+                    if spec is not None:
+                        self.add_vm(spec, keep=True)
+                except RequestError as exc:   # a restart must not end every other VM
+                    log.error("vm %s: added at runtime, cannot be served again: %s", name, exc)
             for name, adoption in adopted.items():
                 vm = self.vms.get(name)
                 if vm is None:
                     log.warning("vm %s: kept connection of a VM no longer served: closed", name)
-                    adoption.conn.close()
-                    for _, fds in adoption.requests + [adoption.in_flight or (b"", [])]:
-                        for fd in fds:
-                            os.close(fd)
+                    self._forget_kept(name, adoption)
                     continue
                 vm.adopt(adoption, lambda vm=vm: self._pilot_again(vm))
             if options.control_path:
@@ -165,6 +165,18 @@ class Server:
             raise
 
     # -- the registry -----------------------------------------------------------------------
+
+    def _forget_kept(self, name: str, adoption) -> None:
+        """A kept connection nobody serves: closed here and at the keeper (which would
+        otherwise hold it open, and its front-end would wait for ever)."""
+        adoption.conn.close()
+        for _, fds in adoption.requests + [adoption.in_flight or (b"", [])]:
+            for fd in fds:
+                os.close(fd)
+        if self.store is not None:
+            VmRecord(self.store, name).disconnected()
+            self.store.drop(f"spec/{name}")
+            self.store.drop(f"pilot/{name}")
 
     def _kept_spec(self, name: str, blob: bytes) -> VmSpec | None:
         try:
@@ -666,12 +678,12 @@ SERVER_COMMANDS = {"list": Server._cmd_list, "add": Server._cmd_add, "remove": S
 GIL_SWITCH_INTERVAL = 0.0005
 
 
-def serve(options: ServeOptions, store: socket.socket | None = None) -> None:
-    """``vballoon serve``: serve ``options`` in this process until SIGTERM/SIGINT; with
-    ``store`` (``--keeper``), adopt what the keeper kept and leave it what a successor needs."""
+def serve(options: ServeOptions, keeper: Link | None = None) -> None:
+    """``vballoon serve``: serve ``options`` in this process until SIGTERM/SIGINT; with a
+    ``keeper`` (``--keeper``), adopt what it kept and leave it what a successor needs."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    kept, keeper = None, None
-    if store is not None:
-        keeper = Store(store)
-        kept = keeper.load()
-    Server(options, keeper, kept).run()
+    kept, store = None, None
+    if keeper is not None:
+        store = Store(keeper)
+        kept = store.load()
+    Server(options, store, kept).run()

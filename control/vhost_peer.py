@@ -63,6 +63,8 @@ MESSAGES_PER_TURN = 8              # requests handled per turn before the other 
 REQUESTS_PER_SECOND = 40_000.0     # a front-end's requests, sustained ...
 REQUEST_BURST = 4_000.0            # ... and at once
 BILL_EVERY = 32                    # requests counted against the budget together
+PARTIAL_WAIT = (0.001, 0.1)        # first and longest pause before looking at a partial request again
+KEEPER_DEADLINE = 1.0              # seconds a reply waits for its records to reach the keeper
 
 
 class VhostUserPeer:
@@ -91,6 +93,7 @@ class VhostUserPeer:
         self._recording: tuple | None = None   # a kept request answered later
         self._unconsumed = 0              # bytes of the request being handled, still queued
         self._settle: Callable[[], None] | None = None   # once the request is answered
+        self._partial_wait = PARTIAL_WAIT[0]
         self._writing = False             # watching the socket for writability
         self._watched: tuple | None = None  # what _update last set up
         self._backend_req: socket.socket | None = None
@@ -125,17 +128,59 @@ class VhostUserPeer:
             return
         for fd in vu.fds_from_ancillary(ancillary) if ancillary else ():
             os.close(fd)                      # a later request's, or duplicates: see above
-        if len(data) < 12:
-            self._receive()                   # EOF, or a request not all there yet
+        if not data:
+            self._receive()                   # the end of the stream
             return
-        request = int.from_bytes(data[:4], "little")
-        total = 12 + int.from_bytes(data[8:12], "little")
-        if request in _WITHOUT_FDS and len(data) >= total:
+        total = 12 + int.from_bytes(data[8:12], "little") if len(data) >= 12 else 0
+        if not total or len(data) < min(total, vu.RECV_SIZE):
+            self._await_rest()                # a request not all there yet
+            return
+        self._partial_wait = PARTIAL_WAIT[0]
+        if int.from_bytes(data[:4], "little") in _WITHOUT_FDS and len(data) >= total:
             self._settle = self._consume_peeked
             self._unconsumed = total
             self._serve_buffered(data[:total], [], False)
             return
         self._receive(min(total, vu.RECV_SIZE), in_flight=True)
+
+    def _await_rest(self) -> None:
+        """Part of a request is queued: look again a little later (no read takes it out
+        before it is whole, so it is never lost to a crash), backing off to at most
+        ``PARTIAL_WAIT[1]`` s for a front-end that never sends the rest."""
+        wait, self._partial_wait = self._partial_wait, min(self._partial_wait * 2,
+                                                           PARTIAL_WAIT[1])
+        self._held = True
+        self._update()
+
+        def again() -> None:
+            self._held = False
+            self._update()
+        self.loop.call_later(wait, again)
+
+    def _answer_when_kept(self, reply: bytes | None) -> None:
+        """What a request changed is still queued for the keeper (its socket is full): the
+        front-end hears the reply only once it is kept, so a successor never knows less
+        than the front-end was told. Nothing more is read meanwhile."""
+        self._held = True
+        store = self.record.store
+        # Bounded: a keeper that does not take them in KEEPER_DEADLINE s is given up (it
+        # then forgets all it held), and the front-end is answered.
+        deadline = self.loop.call_later(KEEPER_DEADLINE, lambda: store.give_up(
+            f"the keeper did not take serve's records in {KEEPER_DEADLINE:g} s"))
+
+        def kept() -> None:
+            deadline.cancel()
+            self.loop.call_soon(lambda: self._answer(reply))
+        store.when_flushed(kept)
+
+    def _answer(self, reply: bytes | None) -> None:
+        if self.closed:
+            return
+        if reply is not None:
+            self._send(reply)
+        if self._settle is not None:
+            self._after_answer()
+        self._serve_buffered()
 
     def _after_answer(self) -> None:
         settle, self._settle = self._settle, None
@@ -168,8 +213,11 @@ class VhostUserPeer:
             self.close(f"receive failed: {exc}")
             return
         if in_flight and len(data) == size:
-            self.record.in_flight(data, fds)
-            self._settle = self.record.answered
+            try:
+                self.record.in_flight(data, fds)
+                self._settle = self.record.answered
+            except OSError as exc:               # out of fds: keep nothing for this VM
+                self.record.give_up(f"cannot keep a request in flight ({exc.strerror})")
         self._serve_buffered(data, fds, bool(flags & _CTRUNC))
 
     def _serve_buffered(self, data: bytes | None = None, fds: list[int] = (),
@@ -206,6 +254,9 @@ class VhostUserPeer:
                 reply = self.session.handle(event, self.codec)
             if reply is PENDING:
                 break
+            if self.record is not None and not self.record.store.flushed:
+                self._answer_when_kept(reply)
+                break
             if reply is not None:
                 self._send(reply)
             if self._settle is not None:
@@ -240,7 +291,11 @@ class VhostUserPeer:
         self.loop.call_later(wait, self._serve_buffered)
 
     def _handle_recorded(self, event) -> bytes | None | object:
-        prepared = self.record.prepare(event) if isinstance(event, vu.Request) else None
+        try:
+            prepared = self.record.prepare(event) if isinstance(event, vu.Request) else None
+        except OSError as exc:                   # out of fds: keep nothing for this VM
+            self.record.give_up(f"cannot keep {type(event).__name__} ({exc.strerror})")
+            prepared = None
         failures = self.session.failures
         try:
             reply = self.session.handle(event, self.codec)
@@ -262,7 +317,7 @@ class VhostUserPeer:
         self.record.commit(prepared, self.session.failures == failures, base)
         # A setup request may have stopped rings (a driver probing again sends SET_FEATURES
         # alone): what is kept follows the session, never more than it serves.
-        self.record.rings_stopped([i for i, ring in enumerate(vrings)
+        self.record.rings_stopped([(i, ring.base) for i, ring in enumerate(vrings)
                                    if ring.state not in (READY, STARTED)])
 
     def adopt(self, requests: list[tuple[bytes, list[int]]],
@@ -276,8 +331,10 @@ class VhostUserPeer:
         self.session.adopting = True
         self._held = True                  # the socket is not read until the rings run
         self._update()
+        replay_done: list = []                # requests whose fds the replay took
         try:
             for data, fds in requests:
+                replay_done.append(None)
                 replay.receive_data(data, fds)
                 event = replay.next_event()
                 if isinstance(event, vu.NeedData | vu.ConnectionClosed):
@@ -286,8 +343,10 @@ class VhostUserPeer:
                     raise vu.VhostUserError(f"a kept {type(event).__name__} did not apply at once")
         except (vu.VhostUserError, FrontendGone) as exc:
             self.session.adopting = False
-            for fd in in_flight[1] if in_flight else ():
-                os.close(fd)
+            replayed = sum(1 for _ in replay_done)
+            for _, fds in requests[replayed:] + ([in_flight] if in_flight else []):
+                for fd in fds:
+                    os.close(fd)
             self.close(f"cannot adopt the connection: {exc}")
             done(exc)
             return
@@ -310,6 +369,10 @@ class VhostUserPeer:
             self._recording = None
             self._commit(prepared, failures)
         if self.closed:
+            return
+        if self.record is not None and not self.record.store.flushed:
+            self._answer_when_kept(reply)
+            self._update()
             return
         try:
             if reply is not None:
