@@ -43,6 +43,19 @@ HANDOVER_TIMEOUT = 10.0         # seconds a new serve waits for the keeper's ent
 _ANCILLARY = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 
+def dup_all(fds) -> tuple[int, ...]:
+    """Copies of ``fds``; raises ``OSError`` (out of fds) with none left open."""
+    copies: list[int] = []
+    try:
+        for fd in fds:
+            copies.append(os.dup(fd))
+    except OSError:
+        for fd in copies:
+            os.close(fd)
+        raise
+    return tuple(copies)
+
+
 @dataclasses.dataclass
 class Link:
     """serve's end of its keeper: the record socket, and one byte of memory shared with
@@ -107,7 +120,9 @@ class Store:
         self.queue: collections.deque[tuple[str, str, bytes, tuple[int, ...]]] = collections.deque()
         self.gone = False
         self.watch = lambda writable: None
-        self._flushed: list = []              # called once the queue is empty
+        self._flushed: list = []              # (record count, callback) waiting for it
+        self.queued = 0                       # records ever queued ...
+        self.sent = 0                         # ... and ever handed to the socket
         # Room for bursts (a record per MiB per guest inflating) between the keeper's looks.
         for option in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
             try:
@@ -124,11 +139,12 @@ class Store:
 
     def when_flushed(self, callback) -> None:
         """Call ``callback`` once every record put so far is with the keeper (at once if
-        it is): a reply that tells the front-end something is held until then."""
+        it is; not waiting for records put later): a reply that tells the front-end
+        something is held until then."""
         if not self.queue:
             callback()
         else:
-            self._flushed.append(callback)
+            self._flushed.append((self.queued, callback))
 
     def load(self) -> dict[str, tuple[bytes, list[int]]]:
         """The keeper's entries, at start-up (before the loop runs: bounded by
@@ -163,7 +179,7 @@ class Store:
 
     def put(self, key: str, blob: bytes = b"", fds: tuple[int, ...] = (), owned: bool = False) -> None:
         """Store ``blob`` and copies of ``fds`` (or ``fds`` themselves when ``owned``)."""
-        self._queue("put", key, blob, tuple(fds) if owned else tuple(os.dup(fd) for fd in fds))
+        self._queue("put", key, blob, tuple(fds) if owned else dup_all(fds))
 
     def drop(self, key: str) -> None:
         self._queue("drop", key, b"", ())
@@ -179,6 +195,7 @@ class Store:
                 self._lose("the keeper does not read what serve leaves with it")
             return
         self.queue.append((op, key, blob, fds))
+        self.queued += 1
         if len(self.queue) == 1:
             self.flush()
 
@@ -195,14 +212,21 @@ class Store:
                 self._lose(f"the keeper is gone ({exc.strerror})")
                 return
             self.queue.popleft()
+            self.sent += 1
             for fd in fds:
                 os.close(fd)
+            if self._flushed and self._flushed[0][0] <= self.sent:
+                self._run_flushed()
         self.watch(False)
         self._run_flushed()
 
     def _run_flushed(self) -> None:
-        callbacks, self._flushed = self._flushed, []
-        for callback in callbacks:
+        """Call back whoever waits for records now with the keeper (all of them once the
+        keeper is given up)."""
+        due = [cb for count, cb in self._flushed if self.gone or count <= self.sent]
+        self._flushed = [(count, cb) for count, cb in self._flushed
+                         if not (self.gone or count <= self.sent)]
+        for callback in due:
             callback()
 
     def give_up(self, why: str) -> None:
@@ -292,22 +316,21 @@ class VmRecord:
         lets the ring's memory go, so a successor may start the ring again and then stop it
         properly when it answers the request. The exception is SET_FEATURES while the rings
         run, which to UML means its driver probes again: the old driver is gone and its
-        rings' memory may already be reused, so they are forgotten at once."""
+        rings' memory may already be reused, so the caller forgets them at once
+        (``forget_kicks``)."""
         if self.abandoned:
             return None
         if isinstance(event, (vu.ResetOwner, vu.ResetDevice)):
             self.store.drop_prefix(f"req/{self.name}/")
             self._kicks.clear()
             return None
-        if isinstance(event, vu.SetFeatures):
-            self.rings_stopped([(index, None) for index in list(self._kicks)])
         if isinstance(event, vu.GetVringBase):
             return RING_BASE, event.index, ()
         key = _request_key(event)
         if key is None:
             return None
         data, fds = vu.FrontendConnection().send(dataclasses.replace(event, need_reply=False))
-        return key, data, tuple(os.dup(fd) for fd in fds)
+        return key, data, dup_all(fds)
 
     def commit(self, prepared: tuple, ok: bool, base: int | None = None) -> None:
         """After the session handled the request ``prepare`` kept: store it if it applied.
@@ -334,6 +357,11 @@ class VmRecord:
     def adopted(self, adoption: "Adoption") -> None:
         """This connection was adopted: what the keeper holds for it is what it kept."""
         self._kicks = set(adoption.kicks)
+
+    def forget_kicks(self) -> None:
+        """The driver is gone (UML's re-probe) and its rings' memory may be reused: no
+        successor may start any of them, even before the stop is done."""
+        self.rings_stopped([(index, None) for index in list(self._kicks)])
 
     def rings_stopped(self, rings: list[tuple[int, int | None]]) -> None:
         """These rings ``(index, base)`` are not served (stopped, or never started): forget

@@ -319,6 +319,13 @@ class VhostUserSession:
 
     # -- negotiation ---------------------------------------------------------------------------
 
+    def stops_for(self, event: vu.SetFeatures) -> bool:
+        """Will this SET_FEATURES stop the running rings (a re-probe, see the profile)?
+        False if it is refused: it then changes nothing."""
+        virtio = event.features & ~(1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
+        return (self.state.active and self.profile.set_features_while_active_means_reprobe
+                and not virtio & ~self.device.device_features)
+
     def _set_features(self, event: vu.SetFeatures) -> Handler:
         virtio = event.features & ~(1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
         unknown = virtio & ~self.device.device_features

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -132,16 +133,28 @@ class VhostUserPeer:
             self._receive()                   # the end of the stream
             return
         total = 12 + int.from_bytes(data[8:12], "little") if len(data) >= 12 else 0
-        if not total or len(data) < min(total, vu.RECV_SIZE):
+        if (not total or len(data) < total) and total <= vu.RECV_SIZE \
+                and not self._hung_up():
             self._await_rest()                # a request not all there yet
             return
+        if not total or len(data) < total:
+            self._receive()                   # too large (refused), or never completed
+            return
         self._partial_wait = PARTIAL_WAIT[0]
-        if int.from_bytes(data[:4], "little") in _WITHOUT_FDS and len(data) >= total:
+        if int.from_bytes(data[:4], "little") in _WITHOUT_FDS:
             self._settle = self._consume_peeked
             self._unconsumed = total
             self._serve_buffered(data[:total], [], False)
             return
         self._receive(min(total, vu.RECV_SIZE), in_flight=True)
+
+    def _hung_up(self) -> bool:
+        """The front-end closed its end (a peek shows the bytes before the end, never the
+        end itself)."""
+        poller = select.poll()
+        poller.register(self.conn, select.POLLRDHUP)
+        return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+                   for _, events in poller.poll(0))
 
     def _await_rest(self) -> None:
         """Part of a request is queued: look again a little later (no read takes it out
@@ -292,6 +305,8 @@ class VhostUserPeer:
 
     def _handle_recorded(self, event) -> bytes | None | object:
         try:
+            if isinstance(event, vu.SetFeatures) and self.session.stops_for(event):
+                self.record.forget_kicks()
             prepared = self.record.prepare(event) if isinstance(event, vu.Request) else None
         except OSError as exc:                   # out of fds: keep nothing for this VM
             self.record.give_up(f"cannot keep {type(event).__name__} ({exc.strerror})")
@@ -343,6 +358,7 @@ class VhostUserPeer:
                     raise vu.VhostUserError(f"a kept {type(event).__name__} did not apply at once")
         except (vu.VhostUserError, FrontendGone) as exc:
             self.session.adopting = False
+            replay.close()                     # (fds of a request it holds incomplete)
             replayed = sum(1 for _ in replay_done)
             for _, fds in requests[replayed:] + ([in_flight] if in_flight else []):
                 for fd in fds:

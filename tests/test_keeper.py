@@ -399,3 +399,23 @@ def test_a_front_end_gone_while_serve_is_dead_is_adopted_as_gone(kept):
     kept.frontend = Frontend.__new__(Frontend)       # (closed above: nothing left to close)
     kept.frontend.close = lambda: None
     kept.driver.close = lambda: None
+
+
+def test_a_front_end_that_hangs_up_mid_request_is_let_go(kept):
+    """Half a request, then the front-end closes: serve notices the end (a peek never shows
+    it) and lets the connection go, so the VM waits for a new front-end."""
+    request = vu.FrontendConnection().send(vu.GetConfig(0, 8, 0))[0]
+    kept.frontend.sock.sendall(request[:6])
+    time.sleep(0.05)
+    kept.frontend.sock.close()
+    wait_for(lambda: _status(kept.ctl)["state"] == "waiting", timeout=5,
+             what="the connection let go")
+
+
+def test_a_set_features_refused_keeps_the_running_rings_kept(kept):
+    """A SET_FEATURES with a bit never offered is refused and changes nothing: the rings
+    run on, and a successor still starts them."""
+    assert not kept.frontend.ack(vu.SetFeatures(1 << 62, need_reply=True))
+    assert _status(kept.ctl)["state"] == "active"
+    kept.crash()                                      # waits for the adopted device active
+    kept.driver.inflate(PFNS_PER_BUFFER)              # and served
