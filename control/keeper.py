@@ -10,8 +10,12 @@ them, restores the target and ``actual``, and starts a worker that resumes every
 used index in guest memory (so no buffer is applied twice and none is lost).
 
 SIGTERM or SIGINT to the keeper stops ``serve`` (the signal is passed on) and then the keeper.
-A ``serve`` that exits on its own with status 0 ends the keeper too. The keeper runs no
-threads and waits only in ``select`` on the handover socket and the child's pidfd.
+A ``serve`` that exits on its own with status 0 ends the keeper too; one that refuses its
+configuration (``CONFIG_ERROR``) ends it with status 1, without a restart. The keeper runs no
+threads: it waits in ``select`` on the handover socket and the child's pidfd, pauses
+``BATCH`` s between looks at the records, and after a crash waits (bounded) for the old
+``serve``'s processes to end. What it holds is forgotten, never handed on, once ``serve``
+gave up on it (the shared flag) or a record was lost.
 """
 
 from __future__ import annotations
