@@ -343,8 +343,7 @@ class VmRecord:
             return
         if key is RING_BASE:
             if ok and base is not None:
-                request = vu.FrontendConnection().send(vu.SetVringBase(data, base))[0]
-                self.store.put(f"req/{self.name}/SetVringBase/{data}", request)
+                self._keep_base(data, base)
             return
         if ok:
             self.store.put(f"req/{self.name}/{key}", data, fds, owned=True)
@@ -376,8 +375,12 @@ class VmRecord:
                 self._kicks.discard(index)
                 self.store.drop(f"req/{self.name}/SetVringKick/{index}")
                 if base is not None:
-                    request = vu.FrontendConnection().send(vu.SetVringBase(index, base))[0]
-                    self.store.put(f"req/{self.name}/SetVringBase/{index}", request)
+                    self._keep_base(index, base)
+
+    def _keep_base(self, index: int, base: int) -> None:
+        """Ring ``index`` stands at ``base``: kept as the SET_VRING_BASE a successor replays."""
+        request = vu.FrontendConnection().send(vu.SetVringBase(index, base))[0]
+        self.store.put(f"req/{self.name}/SetVringBase/{index}", request)
 
     def in_flight(self, data: bytes, fds: list[int]) -> None:
         """A request (with fds) read and not yet answered: a successor answers it."""

@@ -322,18 +322,22 @@ class VhostUserSession:
     def stops_for(self, event: vu.SetFeatures) -> bool:
         """Will this SET_FEATURES stop the running rings (a re-probe, see the profile)?
         False if it is refused: it then changes nothing."""
-        virtio = event.features & ~(1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
         return (self.state.active and self.profile.set_features_while_active_means_reprobe
-                and not virtio & ~self.device.device_features)
+                and not self._unoffered(event))
+
+    def _unoffered(self, event: vu.SetFeatures) -> int:
+        """The virtio feature bits ``event`` acks that were never offered."""
+        virtio = event.features & ~(1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
+        return virtio & ~self.device.device_features
 
     def _set_features(self, event: vu.SetFeatures) -> Handler:
-        virtio = event.features & ~(1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
-        unknown = virtio & ~self.device.device_features
+        unknown = self._unoffered(event)
         if unknown:
             # Checked before anything stops: a refused request changes nothing.
             raise ControlError(f"features {unknown:#x} were not offered")
-        if self.state.active and self.profile.set_features_while_active_means_reprobe:
+        if self.stops_for(event):
             yield from self._stop()
+        virtio = event.features & ~(1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
         self.device.ack_features(virtio)
         self.state.features = event.features
         self.log.info("guest negotiated %s", ", ".join(feature_names(virtio)) or "no features")

@@ -92,7 +92,6 @@ class VhostUserPeer:
         self._unbilled = 0                # requests handled, not yet counted in _budget
         self.record = record              # what a successor needs, left with the keeper
         self._recording: tuple | None = None   # a kept request answered later
-        self._unconsumed = 0              # bytes of the request being handled, still queued
         self._settle: Callable[[], None] | None = None   # once the request is answered
         self._partial_wait = PARTIAL_WAIT[0]
         self._writing = False             # watching the socket for writability
@@ -142,8 +141,7 @@ class VhostUserPeer:
             return
         self._partial_wait = PARTIAL_WAIT[0]
         if int.from_bytes(data[:4], "little") in _WITHOUT_FDS:
-            self._settle = self._consume_peeked
-            self._unconsumed = total
+            self._settle = lambda: self._consume_peeked(total)
             self._serve_buffered(data[:total], [], False)
             return
         self._receive(min(total, vu.RECV_SIZE), in_flight=True)
@@ -187,21 +185,21 @@ class VhostUserPeer:
         store.when_flushed(kept)
 
     def _answer(self, reply: bytes | None) -> None:
-        if self.closed:
-            return
+        if not self.closed:
+            self._reply(reply)
+            self._serve_buffered()
+
+    def _reply(self, reply: bytes | None) -> None:
+        """Send ``reply`` (if the request has one); then settle the request with the keeper
+        (take it out of the socket, or forget it as in flight)."""
         if reply is not None:
             self._send(reply)
         if self._settle is not None:
-            self._after_answer()
-        self._serve_buffered()
+            settle, self._settle = self._settle, None
+            settle()
 
-    def _after_answer(self) -> None:
-        settle, self._settle = self._settle, None
-        settle()
-
-    def _consume_peeked(self) -> None:
-        """Take the request just answered out of the socket."""
-        count, self._unconsumed = self._unconsumed, 0
+    def _consume_peeked(self, count: int) -> None:
+        """Take the request just answered (``count`` bytes) out of the socket."""
         try:
             data, ancillary, _, _ = self.conn.recvmsg(count, vu.ANCILLARY_SIZE, _RECV_FLAGS)
         except OSError as exc:
@@ -270,10 +268,7 @@ class VhostUserPeer:
             if self.record is not None and not self.record.store.flushed:
                 self._answer_when_kept(reply)
                 break
-            if reply is not None:
-                self._send(reply)
-            if self._settle is not None:
-                self._after_answer()
+            self._reply(reply)
             if self.codec.idle or handled == MESSAGES_PER_TURN:
                 break             # the usual case: one message read, answered
         if handled and not self.closed:
@@ -391,10 +386,7 @@ class VhostUserPeer:
             self._update()
             return
         try:
-            if reply is not None:
-                self._send(reply)
-            if self._settle is not None:
-                self._after_answer()
+            self._reply(reply)
             self._process()
         except (vu.VhostUserError, FrontendGone) as exc:
             self.close(f"vhost-user protocol error: {exc}")
